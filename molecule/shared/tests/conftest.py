@@ -1,0 +1,69 @@
+"""Helpers shared by every scenario's testinfra checks.
+
+Requests are made on the serving host itself (instances listen on its loopback). An
+authenticated request reads the key from the instance's environment file inside the shell,
+so the key never appears in a command line that Ansible would log on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import testinfra.utils.ansible_runner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins" / "filter"))
+from vllm import plan_instances  # noqa: E402
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+SERVING_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+
+
+def instances_of(host) -> list[dict]:
+    """The instances the role planned for this host, from the same inventory and planner."""
+    hv = host.ansible.get_variables()
+    return plan_instances(
+        hv["vllm_models"],
+        hv["inventory_hostname"],
+        listen_address=hv.get("vllm_listen_address", "127.0.0.1"),
+        port_base=hv.get("vllm_port_base", 8000),
+        gpus=None,
+        reserved_ports=hv.get("vllm_reserved_ports", []),
+    )
+
+
+def env_file(instance: dict) -> str:
+    return f"/etc/vllm/instances/{instance['name']}.env"
+
+
+def request(host, instance: dict, path: str, body: dict | None = None, *, key: bool = True, stream: bool = False):
+    """Send one HTTP request to an instance from its host; return (status, body text)."""
+    url = instance["health_url"].removesuffix("/health") + path
+    cmd = ["curl", "-sS", "--max-time", "120", "-o", "/dev/stderr", "-w", "%{http_code}"]
+    if stream:
+        cmd.append("-N")
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
+    script = " ".join(shlex.quote(part) for part in cmd)
+    if key:
+        # Read the key where the service reads it; only the shell on the host ever sees it.
+        script = (
+            f"KEY=$(sed -n 's/^VLLM_API_KEY=\"\\(.*\\)\"$/\\1/p' {env_file(instance)}); "
+            f'{script} -H "Authorization: Bearer $KEY"'
+        )
+    result = host.run(f"{script} {shlex.quote(url)}")
+    assert result.rc == 0, f"curl failed: {result.stderr}"
+    return int(result.stdout.strip()), result.stderr
+
+
+def chat(model: str, prompt: str = "Say hello.", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, **extra}
+
+
+@pytest.fixture(scope="module")
+def api_key(host) -> str:
+    return host.ansible.get_variables()["vllm_api_key"]

@@ -1,0 +1,118 @@
+"""An operator's checklist for every vLLM instance on every serving host."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import SERVING_HOSTS, chat, env_file, instances_of, request
+
+testinfra_hosts = SERVING_HOSTS
+
+
+@pytest.fixture(scope="module")
+def instances(host):
+    planned = instances_of(host)
+    assert planned, "the inventory plans no instance on this host"
+    return planned
+
+
+def test_units_are_enabled_and_active(host, instances):
+    for inst in instances:
+        unit = host.service(f"vllm@{inst['name']}")
+        assert unit.is_enabled, f"vllm@{inst['name']} is not enabled"
+        assert unit.is_running, f"vllm@{inst['name']} is not active"
+
+
+def test_listens_on_configured_address_and_port(host, instances):
+    for inst in instances:
+        address = host.ansible.get_variables().get("vllm_listen_address", "127.0.0.1")
+        assert host.socket(f"tcp://{address}:{inst['port']}").is_listening
+
+
+def test_health_is_200(host, instances):
+    for inst in instances:
+        status, _ = request(host, inst, "/health", key=False)
+        assert status == 200
+
+
+def test_models_lists_the_served_name(host, instances):
+    for inst in instances:
+        status, body = request(host, inst, "/v1/models")
+        assert status == 200, body
+        assert inst["model"] in [m["id"] for m in json.loads(body)["data"]]
+
+
+def test_chat_completion_returns_usage(host, instances):
+    for inst in instances:
+        status, body = request(host, inst, "/v1/chat/completions", chat(inst["model"]))
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] > 0
+        assert answer["usage"]["total_tokens"] == answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"]
+
+
+def test_stream_arrives_in_chunks_and_ends_with_done(host, instances):
+    for inst in instances:
+        status, body = request(host, inst, "/v1/chat/completions", chat(inst["model"], stream=True), stream=True)
+        assert status == 200, body
+        events = [line for line in body.splitlines() if line.startswith("data: ")]
+        assert len(events) >= 3, f"expected several data: chunks, got {len(events)}"
+        assert events[-1] == "data: [DONE]"
+        assert all("choices" in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_request_without_key_is_401(host, instances):
+    for inst in instances:
+        status, _ = request(host, inst, "/v1/chat/completions", chat(inst["model"]), key=False)
+        assert status == 401
+
+
+def _split(secret: str) -> str:
+    """A shell expression for the secret that does not contain it literally (no self-match)."""
+    half = len(secret) // 2
+    return f'"$(printf %s {secret[:half]})$(printf %s {secret[half:]})"'
+
+
+def test_key_not_in_ps(host, api_key):
+    # ps runs before grep starts, so grep's own argv (which holds the key) is not in the listing.
+    result = host.run(f"listing=$(ps auxww); printf '%s' \"$listing\" | grep -cF -- {_split(api_key)}")
+    assert "vllm.entrypoints" in host.check_output("ps auxww"), "no vLLM process to check"
+    assert result.stdout.strip() == "0", "the API key shows in ps"
+
+
+def test_key_not_in_execstart(host, instances, api_key):
+    for inst in instances:
+        exec_start = host.check_output(f"systemctl show -p ExecStart vllm@{inst['name']}")
+        assert "--model" in exec_start  # the property is there, so the check means something
+        assert api_key not in exec_start
+
+
+def test_key_not_in_any_world_readable_file(host, api_key):
+    result = host.run(
+        "for d in / /run /tmp; do find $d -xdev -type f -perm -0004 -print0; done"
+        f" | xargs -0 grep -lF -- {_split(api_key)} || true"
+    )
+    assert result.stdout.strip() == "", f"world-readable files hold the key: {result.stdout}"
+
+
+def test_key_not_in_journal(host, api_key):
+    result = host.run(f"journalctl --no-pager -o cat | grep -cF -- {_split(api_key)}")
+    assert result.stdout.strip() == "0", "the API key was logged"
+
+
+def test_environment_file_mode_and_owner(host, instances, api_key):
+    for inst in instances:
+        f = host.file(env_file(inst))
+        assert (f.user, f.group, f.mode) == ("root", "vllm", 0o640)
+        assert f.contains("^VLLM_API_KEY=")
+
+
+def test_systemd_security_score_at_most_4(host, instances):
+    for inst in instances:
+        out = host.check_output(f"systemd-analyze security --no-pager vllm@{inst['name']}.service")
+        score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+        print(f"systemd-analyze security vllm@{inst['name']}: {score}")
+        assert score <= 4.0, out

@@ -1,0 +1,253 @@
+"""Filters that turn the operator's `vllm_models` into the instances a host runs.
+
+This is computation, not configuration, so it lives here with pytest tests instead of in Jinja:
+parsing a model's `source`, expanding models x replicas into instances with stable names, ports
+and GPUs, building each instance's `vllm serve` argv, and quoting it for a systemd unit.
+Every refusal names the host, the model and the field, so a bad inventory fails in preflight
+with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any
+
+try:
+    from ansible.errors import AnsibleFilterError
+except ImportError:  # pragma: no cover - the unit tests import this module without Ansible too
+
+    class AnsibleFilterError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+# Settings every model may carry, rendered as `--flag value`. Anything else goes in extra_args.
+SERVE_SETTINGS = (
+    "max_model_len",
+    "gpu_memory_utilization",
+    "dtype",
+    "max_num_seqs",
+    "quantization",
+    "kv_cache_dtype",
+    "enable_prefix_caching",
+    "trust_remote_code",
+)
+MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}}
+# The role sets these itself; in extra_args they would clash, or (the key) leak into `ps`.
+MANAGED_FLAGS = {
+    "--api-key": "the API key is passed through the environment file (vllm_api_key), never on a command line",
+    "--host": "set vllm_listen_address",
+    "--port": "ports are planned from vllm_port_base",
+    "--model": "set the model's source",
+    "--served-model-name": "set the model's name",
+    "--tensor-parallel-size": "set the model's tensor_parallel_size",
+    "-tp": "set the model's tensor_parallel_size",
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+SYSTEMD_SAFE_RE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+
+
+def _fail(host: str, where: str, message: str) -> AnsibleFilterError:
+    return AnsibleFilterError(f"host {host}: {where}: {message}")
+
+
+def parse_source(source: str) -> dict[str, str]:
+    """Classify a model source.
+
+    `/abs/path` is already on the host; `controller:/abs/path` is copied from the controller;
+    `hf:org/name[@rev]` (or a bare `org/name`) comes from Hugging Face; `modelscope:org/name`
+    from ModelScope.
+    """
+    if not isinstance(source, str) or not source:
+        raise AnsibleFilterError("source must be a non-empty string")
+    if source.startswith("/"):
+        return {"kind": "host", "location": posixpath.normpath(source)}
+    if source.startswith("controller:"):
+        path = source[len("controller:") :]
+        if not path.startswith("/"):
+            raise AnsibleFilterError(f"source {source!r}: a controller path must be absolute")
+        return {"kind": "controller", "location": posixpath.normpath(path)}
+    for prefix, kind in (("hf:", "huggingface"), ("huggingface:", "huggingface"), ("modelscope:", "modelscope")):
+        if source.startswith(prefix):
+            return _hub_source(kind, source[len(prefix) :], source)
+    if HUB_ID_RE.match(source):
+        return _hub_source("huggingface", source, source)
+    raise AnsibleFilterError(
+        f"source {source!r} is neither an absolute host path, controller:/path, hf:org/name nor modelscope:org/name"
+    )
+
+
+def _hub_source(kind: str, ref: str, source: str) -> dict[str, str]:
+    if not HUB_ID_RE.match(ref):
+        raise AnsibleFilterError(f"source {source!r}: expected org/name or org/name@revision")
+    repo, _, revision = ref.partition("@")
+    return {"kind": kind, "repo": repo, "revision": revision}
+
+
+def _model_dir(source: dict[str, str], models_dir: str) -> str:
+    if source["kind"] == "host":
+        return source["location"]
+    if source["kind"] == "controller":
+        return posixpath.join(models_dir, posixpath.basename(source["location"]))
+    suffix = f"@{source['revision']}" if source["revision"] else ""
+    return posixpath.join(models_dir, source["repo"].replace("/", "--") + suffix)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def serve_args(model: dict[str, Any], *, path: str, host: str, port: int) -> list[str]:
+    """The `vllm serve` argv of one instance (everything but the key, which is in the env file)."""
+    args = ["--model", path, "--served-model-name", model["name"], "--host", host, "--port", str(port)]
+    args += ["--tensor-parallel-size", str(model["tensor_parallel_size"])]
+    for key in SERVE_SETTINGS:
+        value = model.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(_flag(key) if value else "--no-" + _flag(key)[2:])
+        else:
+            args += [_flag(key), str(value)]
+    return args + [str(arg) for arg in model["extra_args"]]
+
+
+def _validate_model(host: str, index: int, model: dict[str, Any]) -> dict[str, Any]:
+    where = f"vllm_models[{index}]"
+    if not isinstance(model, dict):
+        raise _fail(host, where, "each model must be a mapping with at least name and source")
+    model = {**MODEL_DEFAULTS, **model}
+    name = model.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _fail(host, f"{where}.name", f"{name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    where = f"vllm_models[{index}] ({name})"
+    for field in ("replicas", "tensor_parallel_size"):
+        value = model[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(host, f"{where}.{field}", f"must be a whole number >= 1, got {value!r}")
+    util = model.get("gpu_memory_utilization")
+    if util is not None and not (isinstance(util, (int, float)) and 0 < util <= 1):
+        raise _fail(host, f"{where}.gpu_memory_utilization", f"must be in (0, 1], got {util!r}")
+    if not isinstance(model["extra_args"], list):
+        raise _fail(host, f"{where}.extra_args", "must be a list of strings, e.g. ['--enable-chunked-prefill']")
+    for arg in model["extra_args"]:
+        flag = str(arg).split("=", 1)[0]
+        if flag in MANAGED_FLAGS:
+            raise _fail(host, f"{where}.extra_args", f"{flag} is not allowed here: {MANAGED_FLAGS[flag]}")
+    if not isinstance(model["env"], dict):
+        raise _fail(host, f"{where}.env", "must be a mapping of variable names to values")
+    try:
+        model["source_parsed"] = parse_source(model.get("source"))
+    except AnsibleFilterError as err:
+        raise _fail(host, f"{where}.source", str(err)) from None
+    return model
+
+
+def plan_instances(
+    models: list[dict[str, Any]],
+    host: str,
+    *,
+    listen_address: str = "127.0.0.1",
+    port_base: int = 8000,
+    models_dir: str = "/var/lib/vllm/models",
+    gpus: list[int] | None = None,
+    reserved_ports: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Expand models x replicas into this host's instances: name, port, GPUs, argv, env.
+
+    `gpus` is the host's GPU indices (detected or the operator's override); None means a host
+    without GPUs (the CPU build), where no GPU is pinned. Names are `<model>-<replica>` so that
+    adding a replica never renames, and so never restarts, the instances already running.
+    """
+    if not isinstance(models, list) or not models:
+        raise _fail(host, "vllm_models", "must be a non-empty list of models")
+    validated = [_validate_model(host, i, model) for i, model in enumerate(models)]
+    seen: dict[str, int] = {}
+    for i, model in enumerate(validated):
+        if model["name"] in seen:
+            raise _fail(host, f"vllm_models[{i}].name", f"{model['name']!r} is already the name of vllm_models[{seen[model['name']]}]")
+        seen[model["name"]] = i
+    dirs: dict[str, str] = {}
+    for model in validated:
+        src = model["source_parsed"]
+        path = _model_dir(src, models_dir)
+        other = dirs.setdefault(path, model["source"])
+        if other != model["source"] and src["kind"] != "host":
+            raise _fail(host, f"vllm_models ({model['name']}).source", f"{model['source']!r} and {other!r} would both be stored in {path}")
+        model["path"] = path
+
+    reserved = set(reserved_ports or [])
+    free_gpus = list(gpus) if gpus is not None else None
+    instances: list[dict[str, Any]] = []
+    port = port_base
+    for model in validated:
+        for replica in range(model["replicas"]):
+            name = f"{model['name']}-{replica}"
+            while port in reserved:
+                port += 1
+            if port > 65535:
+                raise _fail(host, f"vllm_models ({model['name']})", f"ran out of ports above vllm_port_base {port_base}")
+            assigned: list[int] = []
+            if free_gpus is not None:
+                want = model["tensor_parallel_size"]
+                if want > len(free_gpus):
+                    raise _fail(
+                        host,
+                        f"vllm_models ({model['name']}).tensor_parallel_size",
+                        f"instance {name} needs {want} GPU(s) but only {len(free_gpus)} of {len(gpus or [])} are left",
+                    )
+                assigned, free_gpus = free_gpus[:want], free_gpus[want:]
+            env = {str(k): str(v) for k, v in model["env"].items()}
+            if free_gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
+            health_host = "127.0.0.1" if listen_address in ("0.0.0.0", "::") else listen_address
+            instances.append(
+                {
+                    "name": name,
+                    "model": model["name"],
+                    "replica": replica,
+                    "port": port,
+                    "gpus": assigned,
+                    "source": model["source_parsed"],
+                    "model_path": model["path"],
+                    "args": serve_args(model, path=model["path"], host=listen_address, port=port),
+                    "env": env,
+                    "health_url": f"http://{_url_host(health_host)}:{port}/health",
+                }
+            )
+            port += 1
+    return instances
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def systemd_command_line(argv: list[str]) -> str:
+    """Quote an argv for ExecStart=: systemd expands `%` specifiers and `$VAR`, so escape both."""
+    out = []
+    for arg in argv:
+        arg = str(arg).replace("%", "%%").replace("$", "$$")
+        if not SYSTEMD_SAFE_RE.match(arg):
+            arg = '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(arg)
+    return " ".join(out)
+
+
+def model_sources(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct models a host must fetch (replicas share one copy on disk)."""
+    by_path: dict[str, dict[str, Any]] = {}
+    for inst in instances:
+        by_path.setdefault(inst["model_path"], {"dest": inst["model_path"], "model": inst["model"], **inst["source"]})
+    return list(by_path.values())
+
+
+class FilterModule:
+    def filters(self) -> dict[str, Any]:
+        return {
+            "vllm_parse_source": parse_source,
+            "vllm_plan_instances": plan_instances,
+            "vllm_model_sources": model_sources,
+            "vllm_systemd_command_line": systemd_command_line,
+        }

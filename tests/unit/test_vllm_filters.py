@@ -1,0 +1,112 @@
+"""The instance planner and its helpers: what an operator's vllm_models becomes on a host."""
+
+from __future__ import annotations
+
+import pytest
+from vllm import (
+    AnsibleFilterError,
+    model_sources,
+    parse_source,
+    plan_instances,
+    systemd_command_line,
+)
+
+TINY = {"name": "tiny", "source": "controller:/srv/models/tiny"}
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("/data/models/llama", {"kind": "host", "location": "/data/models/llama"}),
+        ("/data/models/llama/", {"kind": "host", "location": "/data/models/llama"}),
+        ("controller:/home/ops/tiny", {"kind": "controller", "location": "/home/ops/tiny"}),
+        ("meta-llama/Llama-3.1-8B-Instruct", {"kind": "huggingface", "repo": "meta-llama/Llama-3.1-8B-Instruct", "revision": ""}),
+        ("hf:Qwen/Qwen2.5-7B@main", {"kind": "huggingface", "repo": "Qwen/Qwen2.5-7B", "revision": "main"}),
+        ("modelscope:qwen/Qwen2.5-7B", {"kind": "modelscope", "repo": "qwen/Qwen2.5-7B", "revision": ""}),
+    ],
+)
+def test_parse_source(source, expected):
+    assert parse_source(source) == expected
+
+
+@pytest.mark.parametrize("source", ["", "llama", "controller:relative/path", "hf:no-slash", "s3://bucket/model"])
+def test_parse_source_refuses(source):
+    with pytest.raises(AnsibleFilterError):
+        parse_source(source)
+
+
+def test_one_instance_per_model_with_consecutive_ports():
+    plan = plan_instances([TINY, {"name": "big", "source": "/models/big"}], "h1", port_base=9000)
+    assert [(i["name"], i["port"]) for i in plan] == [("tiny-0", 9000), ("big-0", 9001)]
+    assert plan[0]["model_path"] == "/var/lib/vllm/models/tiny"
+    assert plan[1]["model_path"] == "/models/big"
+    assert plan[0]["health_url"] == "http://127.0.0.1:9000/health"
+
+
+def test_replicas_get_stable_names_and_skip_reserved_ports():
+    plan = plan_instances([{**TINY, "replicas": 3}], "h1", port_base=8000, reserved_ports=[8001])
+    assert [(i["name"], i["port"]) for i in plan] == [("tiny-0", 8000), ("tiny-1", 8002), ("tiny-2", 8003)]
+
+
+def test_argv_has_settings_and_extra_args_but_never_the_key():
+    model = {**TINY, "max_model_len": 512, "dtype": "bfloat16", "enable_prefix_caching": False,
+             "extra_args": ["--enforce-eager"]}
+    args = plan_instances([model], "h1", listen_address="0.0.0.0")[0]["args"]
+    assert args[:8] == ["--model", "/var/lib/vllm/models/tiny", "--served-model-name", "tiny",
+                        "--host", "0.0.0.0", "--port", "8000"]
+    assert ["--max-model-len", "512"] == args[args.index("--max-model-len"):][:2]
+    assert "--no-enable-prefix-caching" in args and args[-1] == "--enforce-eager"
+    assert not any("api-key" in a for a in args)
+
+
+def test_wildcard_listen_address_is_health_checked_on_loopback():
+    assert plan_instances([TINY], "h1", listen_address="0.0.0.0")[0]["health_url"].startswith("http://127.0.0.1:")
+    assert plan_instances([TINY], "h1", listen_address="::1")[0]["health_url"].startswith("http://[::1]:")
+
+
+def test_gpus_are_assigned_in_tensor_parallel_blocks():
+    plan = plan_instances([{**TINY, "tensor_parallel_size": 2, "replicas": 2}, {"name": "b", "source": "/m/b"}],
+                          "gpu1", gpus=[0, 1, 2, 3, 4])
+    assert [i["gpus"] for i in plan] == [[0, 1], [2, 3], [4]]
+    assert plan[1]["env"]["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_cpu_hosts_get_no_gpus():
+    plan = plan_instances([TINY], "cpu1", gpus=None)
+    assert plan[0]["gpus"] == [] and "CUDA_VISIBLE_DEVICES" not in plan[0]["env"]
+
+
+@pytest.mark.parametrize(
+    ("models", "kwargs", "message"),
+    [
+        ([], {}, "host h1: vllm_models: must be a non-empty list"),
+        ([{**TINY, "tensor_parallel_size": 4}], {"gpus": [0, 1]}, "tensor_parallel_size: instance tiny-0 needs 4 GPU(s) but only 2 of 2"),
+        ([{**TINY, "replicas": 3}], {"gpus": [0, 1]}, "instance tiny-2 needs 1 GPU(s) but only 0 of 2"),
+        ([TINY, {**TINY, "source": "/m/x"}], {}, "vllm_models[1].name: 'tiny' is already the name of vllm_models[0]"),
+        ([{**TINY, "replicas": 0}], {}, "vllm_models[0] (tiny).replicas: must be a whole number >= 1"),
+        ([{**TINY, "gpu_memory_utilization": 1.5}], {}, "gpu_memory_utilization: must be in (0, 1]"),
+        ([{**TINY, "extra_args": ["--api-key", "x"]}], {}, "--api-key is not allowed here"),
+        ([{**TINY, "extra_args": ["--port=9"]}], {}, "--port is not allowed here"),
+        ([{**TINY, "source": "nowhere"}], {}, "vllm_models[0] (tiny).source: source 'nowhere' is neither"),
+        ([{"name": "bad name", "source": "/m"}], {}, "vllm_models[0].name: 'bad name' must be"),
+        ([TINY, {"name": "tiny2", "source": "controller:/other/tiny"}], {}, "would both be stored in /var/lib/vllm/models/tiny"),
+    ],
+)
+def test_refusals_name_host_and_field(models, kwargs, message):
+    with pytest.raises(AnsibleFilterError) as err:
+        plan_instances(models, "h1", **kwargs)
+    assert message in str(err.value)
+    assert str(err.value).startswith("host h1: ")
+
+
+def test_replicas_share_one_model_copy():
+    plan = plan_instances([{**TINY, "replicas": 2}, {"name": "alias", "source": "controller:/srv/models/tiny"}], "h1")
+    sources = model_sources(plan)
+    assert [(s["dest"], s["kind"], s["location"]) for s in sources] == [
+        ("/var/lib/vllm/models/tiny", "controller", "/srv/models/tiny")
+    ]
+
+
+def test_systemd_command_line_quotes_and_escapes():
+    line = systemd_command_line(["--a", "plain/path-1.0", '{"k": "v w"}', "50%", "$HOME"])
+    assert line == '--a plain/path-1.0 "{\\"k\\": \\"v w\\"}" "50%%" "$$HOME"'
