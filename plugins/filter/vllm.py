@@ -73,9 +73,7 @@ def parse_source(source: str) -> dict[str, str]:
             return _hub_source(kind, source[len(prefix) :], source)
     if HUB_ID_RE.match(source):
         return _hub_source("huggingface", source, source)
-    raise AnsibleFilterError(
-        f"source {source!r} is neither an absolute host path, controller:/path, hf:org/name nor modelscope:org/name"
-    )
+    raise AnsibleFilterError(f"source {source!r} is neither an absolute host path, controller:/path, hf:org/name nor modelscope:org/name")
 
 
 def _hub_source(kind: str, ref: str, source: str) -> dict[str, str]:

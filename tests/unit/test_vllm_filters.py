@@ -49,12 +49,10 @@ def test_replicas_get_stable_names_and_skip_reserved_ports():
 
 
 def test_argv_has_settings_and_extra_args_but_never_the_key():
-    model = {**TINY, "max_model_len": 512, "dtype": "bfloat16", "enable_prefix_caching": False,
-             "extra_args": ["--enforce-eager"]}
+    model = {**TINY, "max_model_len": 512, "dtype": "bfloat16", "enable_prefix_caching": False, "extra_args": ["--enforce-eager"]}
     args = plan_instances([model], "h1", listen_address="0.0.0.0")[0]["args"]
-    assert args[:8] == ["--model", "/var/lib/vllm/models/tiny", "--served-model-name", "tiny",
-                        "--host", "0.0.0.0", "--port", "8000"]
-    assert ["--max-model-len", "512"] == args[args.index("--max-model-len"):][:2]
+    assert args[:8] == ["--model", "/var/lib/vllm/models/tiny", "--served-model-name", "tiny", "--host", "0.0.0.0", "--port", "8000"]
+    assert ["--max-model-len", "512"] == args[args.index("--max-model-len") :][:2]
     assert "--no-enable-prefix-caching" in args and args[-1] == "--enforce-eager"
     assert not any("api-key" in a for a in args)
 
@@ -65,8 +63,9 @@ def test_wildcard_listen_address_is_health_checked_on_loopback():
 
 
 def test_gpus_are_assigned_in_tensor_parallel_blocks():
-    plan = plan_instances([{**TINY, "tensor_parallel_size": 2, "replicas": 2}, {"name": "b", "source": "/m/b"}],
-                          "gpu1", gpus=[0, 1, 2, 3, 4])
+    plan = plan_instances(
+        [{**TINY, "tensor_parallel_size": 2, "replicas": 2}, {"name": "b", "source": "/m/b"}], "gpu1", gpus=[0, 1, 2, 3, 4]
+    )
     assert [i["gpus"] for i in plan] == [[0, 1], [2, 3], [4]]
     assert plan[1]["env"]["CUDA_VISIBLE_DEVICES"] == "2,3"
 
@@ -102,9 +101,7 @@ def test_refusals_name_host_and_field(models, kwargs, message):
 def test_replicas_share_one_model_copy():
     plan = plan_instances([{**TINY, "replicas": 2}, {"name": "alias", "source": "controller:/srv/models/tiny"}], "h1")
     sources = model_sources(plan)
-    assert [(s["dest"], s["kind"], s["location"]) for s in sources] == [
-        ("/var/lib/vllm/models/tiny", "controller", "/srv/models/tiny")
-    ]
+    assert [(s["dest"], s["kind"], s["location"]) for s in sources] == [("/var/lib/vllm/models/tiny", "controller", "/srv/models/tiny")]
 
 
 def test_systemd_command_line_quotes_and_escapes():

@@ -17,7 +17,7 @@ import pytest
 import testinfra.utils.ansible_runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins" / "filter"))
-from vllm import plan_instances  # noqa: E402
+from vllm import plan_instances
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVING_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -51,10 +51,7 @@ def request(host, instance: dict, path: str, body: dict | None = None, *, key: b
     script = " ".join(shlex.quote(part) for part in cmd)
     if key:
         # Read the key where the service reads it; only the shell on the host ever sees it.
-        script = (
-            f"KEY=$(sed -n 's/^VLLM_API_KEY=\"\\(.*\\)\"$/\\1/p' {env_file(instance)}); "
-            f'{script} -H "Authorization: Bearer $KEY"'
-        )
+        script = f'KEY=$(sed -n \'s/^VLLM_API_KEY="\\(.*\\)"$/\\1/p\' {env_file(instance)}); {script} -H "Authorization: Bearer $KEY"'
     result = host.run(f"{script} {shlex.quote(url)}")
     assert result.rc == 0, f"curl failed: {result.stderr}"
     return int(result.stdout.strip()), result.stderr

@@ -92,8 +92,7 @@ def test_key_not_in_execstart(host, instances, api_key):
 
 def test_key_not_in_any_world_readable_file(host, api_key):
     result = host.run(
-        "for d in / /run /tmp; do find $d -xdev -type f -perm -0004 -print0; done"
-        f" | xargs -0 grep -lF -- {_split(api_key)} || true"
+        f"for d in / /run /tmp; do find $d -xdev -type f -perm -0004 -print0; done | xargs -0 grep -lF -- {_split(api_key)} || true"
     )
     assert result.stdout.strip() == "", f"world-readable files hold the key: {result.stdout}"
 
