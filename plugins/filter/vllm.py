@@ -233,6 +233,24 @@ def systemd_command_line(argv: list[str]) -> str:
     return " ".join(out)
 
 
+ERROR_LINE_RE = re.compile(r"(Error|ERROR|Exception|error:|Killed|Traceback)")
+
+
+def journal_summary(output: str, errors: int = 8, tail: int = 12) -> str:
+    """vLLM's error lines first (a start failure ends in a long traceback whose last lines
+    rarely say why), then the journal's tail, without repeats."""
+    lines = [line.rstrip() for line in output.splitlines() if line.strip()]
+    found: list[str] = []
+    for line in lines:
+        text = re.sub(r"^\(\w+ pid=\d+\) ", "", line)
+        if ERROR_LINE_RE.search(text) and not text.lstrip().startswith(("File ", "Traceback")) and text not in found:
+            found.append(text)
+    parts = []
+    if found:
+        parts += ["Errors:", *found[-errors:], ""]
+    return "\n".join([*parts, "Last lines:", *lines[-tail:]])
+
+
 def model_sources(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The distinct models a host must fetch (replicas share one copy on disk)."""
     by_path: dict[str, dict[str, Any]] = {}
@@ -248,4 +266,5 @@ class FilterModule:
             "vllm_plan_instances": plan_instances,
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
+            "vllm_journal_summary": journal_summary,
         }

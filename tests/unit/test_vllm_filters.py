@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from vllm import (
     AnsibleFilterError,
+    journal_summary,
     model_sources,
     parse_source,
     plan_instances,
@@ -107,3 +108,23 @@ def test_replicas_share_one_model_copy():
 def test_systemd_command_line_quotes_and_escapes():
     line = systemd_command_line(["--a", "plain/path-1.0", '{"k": "v w"}', "50%", "$HOME"])
     assert line == '--a plain/path-1.0 "{\\"k\\": \\"v w\\"}" "50%%" "$$HOME"'
+
+
+def test_journal_summary_puts_the_reason_before_the_traceback():
+    journal = "\n".join(
+        [
+            "(APIServer pid=1) INFO starting",
+            "(APIServer pid=1) ERROR [core.py:1] ValueError: User-specified max_model_len (1000000) is greater than 2048",
+            "Traceback (most recent call last):",
+            '  File "/opt/vllm/x.py", line 3, in run',
+            "RuntimeError: Engine core initialization failed.",
+            "RuntimeError: Engine core initialization failed.",
+            "systemd[1]: vllm@a-0.service: Main process exited, code=exited, status=1/FAILURE",
+        ]
+    )
+    summary = journal_summary(journal, tail=2)
+    errors = summary.split("Last lines:")[0]
+    assert "ValueError: User-specified max_model_len (1000000)" in errors
+    assert errors.count("Engine core initialization failed") == 1
+    assert "File " not in errors and "Traceback" not in errors
+    assert summary.endswith("status=1/FAILURE")
