@@ -32,7 +32,7 @@ SERVE_SETTINGS = (
     "enable_prefix_caching",
     "trust_remote_code",
 )
-MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}}
+MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}, "fallback": None}
 # The role sets these itself; in extra_args they would clash, or (the key) leak into `ps`.
 MANAGED_FLAGS = {
     "--api-key": "the API key is passed through the environment file (vllm_api_key), never on a command line",
@@ -96,9 +96,13 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def serve_args(model: dict[str, Any], *, path: str, host: str, port: int) -> list[str]:
-    """The `vllm serve` argv of one instance (everything but the key, which is in the env file)."""
-    args = ["--model", path, "--served-model-name", model["name"], "--host", host, "--port", str(port)]
+def serve_args(model: dict[str, Any], *, path: str, host: str, port: int, aliases: list[str] = ()) -> list[str]:
+    """The `vllm serve` argv of one instance (everything but the key, which is in the env file).
+
+    `aliases` are the models this one stands in for as a fallback: the gateway sends their
+    requests here when all their own instances are down, so it must answer to their names.
+    """
+    args = ["--model", path, "--served-model-name", model["name"], *aliases, "--host", host, "--port", str(port)]
     args += ["--tensor-parallel-size", str(model["tensor_parallel_size"])]
     for key in SERVE_SETTINGS:
         value = model.get(key)
@@ -166,6 +170,18 @@ def plan_instances(
         if model["name"] in seen:
             raise _fail(host, f"vllm_models[{i}].name", f"{model['name']!r} is already the name of vllm_models[{seen[model['name']]}]")
         seen[model["name"]] = i
+    aliases: dict[str, list[str]] = {}
+    for i, model in enumerate(validated):
+        fallback = model["fallback"]
+        if fallback is None:
+            continue
+        if fallback == model["name"]:
+            raise _fail(host, f"vllm_models[{i}] ({model['name']}).fallback", "a model cannot be its own fallback")
+        if fallback in seen and validated[seen[fallback]]["fallback"] is not None:
+            raise _fail(
+                host, f"vllm_models[{i}] ({model['name']}).fallback", f"{fallback!r} has a fallback itself; chains are not supported"
+            )
+        aliases.setdefault(fallback, []).append(model["name"])
     dirs: dict[str, str] = {}
     for model in validated:
         src = model["source_parsed"]
@@ -205,11 +221,13 @@ def plan_instances(
                     "name": name,
                     "model": model["name"],
                     "replica": replica,
+                    "listen_address": listen_address,
                     "port": port,
                     "gpus": assigned,
                     "source": model["source_parsed"],
                     "model_path": model["path"],
-                    "args": serve_args(model, path=model["path"], host=listen_address, port=port),
+                    "fallback": model["fallback"],
+                    "args": serve_args(model, path=model["path"], host=listen_address, port=port, aliases=aliases.get(model["name"], [])),
                     "env": env,
                     "health_url": f"http://{_url_host(health_host)}:{port}/health",
                 }
@@ -233,21 +251,21 @@ def systemd_command_line(argv: list[str]) -> str:
     return " ".join(out)
 
 
-ERROR_LINE_RE = re.compile(r"(Error|ERROR|Exception|error:|Killed|Traceback)")
+# vLLM prefixes every line of a traceback with its log header; the reason is the exception line.
+LOG_PREFIX_RE = re.compile(r"^(\(\w+ pid=\d+\) )?((ERROR|WARNING|INFO|DEBUG)( \d\d-\d\d [\d:]+)? \[[^\]]+\] ?)?")
+REASON_RE = re.compile(r"^\s*[\w.]*(Error|Exception)\b: \S")
 
 
 def journal_summary(output: str, errors: int = 8, tail: int = 12) -> str:
-    """vLLM's error lines first (a start failure ends in a long traceback whose last lines
+    """The exception lines first (a start failure ends in a long traceback whose last lines
     rarely say why), then the journal's tail, without repeats."""
     lines = [line.rstrip() for line in output.splitlines() if line.strip()]
     found: list[str] = []
     for line in lines:
-        text = re.sub(r"^\(\w+ pid=\d+\) ", "", line)
-        if ERROR_LINE_RE.search(text) and not text.lstrip().startswith(("File ", "Traceback")) and text not in found:
+        text = LOG_PREFIX_RE.sub("", line).strip()
+        if REASON_RE.match(text) and text not in found:
             found.append(text)
-    parts = []
-    if found:
-        parts += ["Errors:", *found[-errors:], ""]
+    parts = ["Errors:", *found[-errors:], ""] if found else []
     return "\n".join([*parts, "Last lines:", *lines[-tail:]])
 
 
@@ -259,6 +277,61 @@ def model_sources(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(by_path.values())
 
 
+def gateway_servers(names: list[str], hostvars: Any, gateway: str) -> list[dict[str, Any]]:
+    """How gateway `gateway` reaches each serving host: [{host, address, plan}]."""
+    servers = []
+    for name in names:
+        hv = hostvars[name]
+        if "vllm_plan" not in hv:
+            raise AnsibleFilterError(f"host {name}: no instance plan; run the gateway through site.yml so preflight plans every host")
+        listen = str(hv["vllm_listen_address"])
+        if listen in ("0.0.0.0", "::"):
+            address = "127.0.0.1" if name == gateway else str(hv.get("ansible_host", name))
+        elif (listen.startswith("127.") or listen == "::1") and name != gateway:
+            raise AnsibleFilterError(
+                f"host {name}: vllm_listen_address: {listen} is only reachable from {name} itself, "
+                f"but gateway {gateway} is another host; leave vllm_listen_address at its default"
+            )
+        else:
+            address = listen
+        servers.append({"host": name, "address": address, "plan": hv["vllm_plan"]})
+    return servers
+
+
+def gateway_models(servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group every instance of every serving host by model, for the gateway's upstreams.
+
+    `servers` is [{host, address, plan}], where address is how the gateway reaches that host.
+    A model with a fallback gets the fallback's instances as backup servers.
+    """
+    by_model: dict[str, dict[str, Any]] = {}
+    for server in servers:
+        for inst in server["plan"]:
+            entry = by_model.setdefault(
+                inst["model"],
+                {
+                    "name": inst["model"],
+                    "upstream": "vllm_" + re.sub(r"[^A-Za-z0-9_]", "_", inst["model"]),
+                    "fallback": inst["fallback"],
+                    "servers": [],
+                },
+            )
+            if entry["fallback"] != inst["fallback"]:
+                raise AnsibleFilterError(f"host {server['host']}: vllm_models ({inst['model']}).fallback differs between serving hosts")
+            entry["servers"].append(
+                {"host": server["host"], "instance": inst["name"], "address": f"{_url_host(server['address'])}:{inst['port']}"}
+            )
+    upstreams = {e["upstream"]: e["name"] for e in by_model.values()}
+    if len(upstreams) != len(by_model):
+        raise AnsibleFilterError("two model names map to the same gateway upstream; rename one (letters, digits, '_')")
+    for entry in by_model.values():
+        fallback = entry["fallback"]
+        if fallback is not None and fallback not in by_model:
+            raise AnsibleFilterError(f"vllm_models ({entry['name']}).fallback: no serving host runs a model named {fallback!r}")
+        entry["backups"] = by_model[fallback]["servers"] if fallback else []
+    return sorted(by_model.values(), key=lambda e: e["name"])
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
@@ -267,4 +340,6 @@ class FilterModule:
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
             "vllm_journal_summary": journal_summary,
+            "vllm_gateway_models": gateway_models,
+            "vllm_gateway_servers": gateway_servers,
         }

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from vllm import (
     AnsibleFilterError,
+    gateway_models,
+    gateway_servers,
     journal_summary,
     model_sources,
     parse_source,
@@ -117,6 +121,8 @@ def test_journal_summary_puts_the_reason_before_the_traceback():
             "(APIServer pid=1) ERROR [core.py:1] ValueError: User-specified max_model_len (1000000) is greater than 2048",
             "Traceback (most recent call last):",
             '  File "/opt/vllm/x.py", line 3, in run',
+            '(EngineCore pid=2) ERROR 11-21 11:43:23 [async_llm.py:906]   File "/x.py", line 1',
+            "(EngineCore pid=2) ERROR 11-21 11:43:23 [async_llm.py:906]     raise",
             "RuntimeError: Engine core initialization failed.",
             "RuntimeError: Engine core initialization failed.",
             "systemd[1]: vllm@a-0.service: Main process exited, code=exited, status=1/FAILURE",
@@ -125,6 +131,63 @@ def test_journal_summary_puts_the_reason_before_the_traceback():
     summary = journal_summary(journal, tail=2)
     errors = summary.split("Last lines:")[0]
     assert "ValueError: User-specified max_model_len (1000000)" in errors
+    assert "raise" not in errors
     assert errors.count("Engine core initialization failed") == 1
     assert "File " not in errors and "Traceback" not in errors
     assert summary.endswith("status=1/FAILURE")
+
+
+def _server(host, address, *models):
+    return {"host": host, "address": address, "plan": plan_instances(list(models), host)}
+
+
+def test_gateway_groups_instances_by_model_across_hosts_with_fallback_backups():
+    chat = {"name": "chat", "source": "/m/chat", "replicas": 2, "fallback": "small"}
+    small = {"name": "small", "source": "/m/small"}
+    models = gateway_models([_server("s1", "10.0.0.1", chat, small), _server("s2", "10.0.0.2", chat, small)])
+    by_name = {m["name"]: m for m in models}
+    assert [s["address"] for s in by_name["chat"]["servers"]] == ["10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.2:8000", "10.0.0.2:8001"]
+    assert [s["address"] for s in by_name["chat"]["backups"]] == ["10.0.0.1:8002", "10.0.0.2:8002"]
+    assert by_name["small"]["backups"] == [] and by_name["small"]["upstream"] == "vllm_small"
+
+
+def test_fallback_instances_answer_to_the_primary_name():
+    plan = plan_instances([{"name": "chat", "source": "/m/c", "fallback": "small"}, {"name": "small", "source": "/m/s"}], "h1")
+    args = plan[1]["args"]
+    assert args[args.index("--served-model-name") : args.index("--host")] == ["--served-model-name", "small", "chat"]
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ([{**TINY, "fallback": "tiny"}], "fallback: a model cannot be its own fallback"),
+        (
+            [{**TINY, "fallback": "b"}, {"name": "b", "source": "/b", "fallback": "c"}, {"name": "c", "source": "/c"}],
+            "'b' has a fallback itself",
+        ),
+    ],
+)
+def test_fallback_refusals(models, message):
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        plan_instances(models, "h1")
+
+
+def test_gateway_reaches_hosts_by_their_listen_address():
+    hostvars = {
+        "gw": {"vllm_plan": plan_instances([TINY], "gw"), "vllm_listen_address": "127.0.0.1"},
+        "s1": {"vllm_plan": plan_instances([TINY], "s1"), "vllm_listen_address": "10.0.0.5"},
+        "s2": {"vllm_plan": plan_instances([TINY], "s2"), "vllm_listen_address": "0.0.0.0", "ansible_host": "s2.lan"},
+    }
+    servers = gateway_servers(["gw", "s1", "s2"], hostvars, "gw")
+    assert [(s["host"], s["address"]) for s in servers] == [("gw", "127.0.0.1"), ("s1", "10.0.0.5"), ("s2", "s2.lan")]
+
+
+def test_gateway_refuses_a_remote_host_on_loopback():
+    hostvars = {"s1": {"vllm_plan": [], "vllm_listen_address": "127.0.0.1"}}
+    with pytest.raises(AnsibleFilterError, match=re.escape("host s1: vllm_listen_address: 127.0.0.1 is only reachable from s1")):
+        gateway_servers(["s1"], hostvars, "gw")
+
+
+def test_gateway_refuses_a_fallback_no_host_serves():
+    with pytest.raises(AnsibleFilterError, match="no serving host runs a model named 'nope'"):
+        gateway_models([_server("s1", "10.0.0.1", {**TINY, "fallback": "nope"})])

@@ -10,30 +10,21 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
-from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins" / "filter"))
-from vllm import plan_instances
-
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVING_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+GATEWAY_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_gateway")
 
 
 def instances_of(host) -> list[dict]:
-    """The instances the role planned for this host, from the same inventory and planner."""
-    hv = host.ansible.get_variables()
-    return plan_instances(
-        hv["vllm_models"],
-        hv["inventory_hostname"],
-        listen_address=hv.get("vllm_listen_address", "127.0.0.1"),
-        port_base=hv.get("vllm_port_base", 8000),
-        gpus=None,
-        reserved_ports=hv.get("vllm_reserved_ports", []),
-    )
+    """What the host runs, from the manifest the role writes; checked against the inventory."""
+    planned = json.loads(host.file("/etc/vllm/instances.json").content_string)
+    wanted = {m["name"] for m in host.ansible.get_variables()["vllm_models"]}
+    assert {i["model"] for i in planned} == wanted, "the host does not run the models its inventory names"
+    return planned
 
 
 def env_file(instance: dict) -> str:

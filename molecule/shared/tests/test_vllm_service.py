@@ -27,8 +27,7 @@ def test_units_are_enabled_and_active(host, instances):
 
 def test_listens_on_configured_address_and_port(host, instances):
     for inst in instances:
-        address = host.ansible.get_variables().get("vllm_listen_address", "127.0.0.1")
-        assert host.socket(f"tcp://{address}:{inst['port']}").is_listening
+        assert host.socket(f"tcp://{inst['listen_address']}:{inst['port']}").is_listening
 
 
 def test_health_is_200(host, instances):

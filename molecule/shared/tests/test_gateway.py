@@ -1,0 +1,198 @@
+"""Through the gateway only: routing, union of models, edge refusals, spread, failover."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat
+
+testinfra_hosts = GATEWAY_HOSTS
+
+UNGUARDED = [
+    "/tokenize",
+    "/detokenize",
+    "/invocations",
+    "/pooling",
+    "/pause",
+    "/resume",
+    "/scale_elastic_ep",
+    "/metrics",
+    "/version",
+    "/ping",
+    "/load",
+    "/classify",
+    "/score",
+    "/rerank",
+    "/is_sleeping",
+]
+
+
+@pytest.fixture(scope="module")
+def gw(host):
+    key = host.ansible.get_variables()["vllm_api_key"]
+
+    def call(path: str, body: dict | None = None, *, auth: bool = True, method: str = "") -> tuple[int, str]:
+        cmd = "curl -sS --max-time 120 -o /dev/stderr -w '%{http_code}'"
+        if method:
+            cmd += f" -X {method}"
+        if body is not None:
+            cmd += f" -H 'Content-Type: application/json' --data-binary '{json.dumps(body)}'"
+        if auth:
+            cmd += f" -H 'Authorization: Bearer {key}'"
+        result = host.run(f"{cmd} http://127.0.0.1{path}")
+        assert result.rc == 0, result.stderr
+        return int(result.stdout), result.stderr
+
+    call.key = key
+    return call
+
+
+@pytest.fixture(scope="module")
+def plans(host):
+    by_host = {}
+    for name in SERVING_HOSTS:
+        server = host.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+        by_host[name] = json.loads(server.file("/etc/vllm/instances.json").content_string)
+    return by_host
+
+
+def instances_of_model(plans, model):
+    return [(h, i["name"]) for h, insts in plans.items() for i in insts if i["model"] == model]
+
+
+def successes(host, server: str, instance: str) -> float:
+    """vllm:request_success_total of one instance, read through the gateway's allowlisted /metrics."""
+    text = host.check_output(f"curl -sS --fail http://127.0.0.1/metrics/{instance}@{server}")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total{"))
+
+
+def test_routes_by_model_field(gw, plans):
+    for model in {i["model"] for insts in plans.values() for i in insts}:
+        status, body = gw("/v1/chat/completions", chat(model))
+        assert status == 200, body
+        assert json.loads(body)["model"] == model
+
+
+def test_models_is_the_union(gw, plans):
+    status, body = gw("/v1/models")
+    assert status == 200, body
+    assert sorted(m["id"] for m in json.loads(body)["data"]) == sorted({i["model"] for insts in plans.values() for i in insts})
+
+
+def test_unknown_model_is_404_openai_style(gw):
+    status, body = gw("/v1/chat/completions", chat("no-such-model"))
+    assert status == 404
+    assert json.loads(body)["error"]["type"] == "NotFoundError"
+
+
+def test_key_is_still_required(gw, plans):
+    model = next(iter(plans.values()))[0]["model"]
+    assert gw("/v1/chat/completions", chat(model), auth=False)[0] == 401
+    assert gw("/v1/models", auth=False)[0] == 401
+
+
+@pytest.mark.parametrize("path", UNGUARDED)
+def test_unguarded_endpoints_are_refused_at_the_edge(gw, path):
+    for method in ("GET", "POST"):
+        status, _ = gw(path, auth=False, method=method)
+        assert status == 404, f"{method} {path} reached a backend ({status})"
+
+
+def test_metrics_only_for_the_allowlist(host, plans):
+    server, instance = next((h, i["name"]) for h, insts in plans.items() for i in insts)
+    assert successes(host, server, instance) >= 0  # allowlisted loopback: served
+    other = host.get_host(f"ansible://{server}", ansible_inventory=INVENTORY)
+    gateway_ip = host.interface.default().addresses[0]
+    status = other.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' http://{gateway_ip}/metrics/{instance}@{server}")
+    assert status == "403"
+
+
+def test_each_instance_serves_a_fair_share(host, gw, plans):
+    model = max({i["model"] for insts in plans.values() for i in insts}, key=lambda m: len(instances_of_model(plans, m)))
+    targets = instances_of_model(plans, model)
+    assert len(targets) >= 2, "the scenario needs a model with several instances"
+    before = {t: successes(host, *t) for t in targets}
+    body = json.dumps(chat(model, max_tokens=4))
+    codes = host.check_output(
+        "for i in $(seq 60); do curl -s -o /dev/null -w '%{http_code}\\n' -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {gw.key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions; done"
+    ).split()
+    assert codes.count("200") == 60, codes
+    shares = {f"{h}/{i}": successes(host, h, i) - before[(h, i)] for h, i in targets}
+    print(f"requests per instance of {model}: {shares}")
+    assert all(n >= 0.2 * 60 for n in shares.values()), shares
+
+
+STREAM_READER = """
+import http.client, json, sys, time
+conn = http.client.HTTPConnection("127.0.0.1", 80, timeout=120)
+headers = {"Content-Type": "application/json", "Authorization": "Bearer " + sys.argv[2]}
+conn.request("POST", "/v1/chat/completions", body=sys.argv[1], headers=headers)
+response = conn.getresponse()
+reads, data = [], b""
+while True:
+    chunk = response.read1(65536)
+    if not chunk:
+        break
+    reads.append(time.monotonic())
+    data += chunk
+done = data.strip().endswith(b"data: [DONE]")
+print(json.dumps({"status": response.status, "reads": len(reads), "spread": reads[-1] - reads[0], "done": done}))
+"""
+
+
+def test_stream_is_not_buffered(host, gw, plans):
+    model = next(iter(plans.values()))[0]["model"]
+    body = json.dumps(chat(model, stream=True, max_tokens=48))
+    out = json.loads(host.check_output(f"python3 -c '{STREAM_READER}' '{body}' '{gw.key}'"))
+    print(f"stream through the gateway: {out}")
+    assert out["status"] == 200 and out["done"]
+    assert out["reads"] >= 3, f"the stream arrived in {out['reads']} piece(s): buffered"
+    assert out["spread"] > 0.005
+
+
+def _server(host, name):
+    return host.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def _wait_active(server, unit, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.run(f"systemctl is-active {unit}").stdout.strip() == "active":
+            return
+        time.sleep(3)
+    raise AssertionError(f"{unit} did not come back")
+
+
+def test_fallback_serves_when_every_primary_is_down(host, gw, plans):
+    primaries = [(h, i["name"], i["model"]) for h, insts in plans.items() for i in insts if i.get("fallback")]
+    if not primaries:
+        pytest.skip("no model with a fallback in this scenario")
+    model = primaries[0][2]
+    try:
+        for h, name, _ in primaries:
+            _server(host, h).check_output(f"systemctl stop vllm@{name}")
+        results = [gw("/v1/chat/completions", chat(model))[0] for _ in range(5)]
+        assert results == [200] * 5, results
+    finally:
+        for h, name, _ in primaries:
+            _server(host, h).run(f"systemctl start vllm@{name}")
+
+
+def test_no_request_lost_when_an_instance_is_killed(host, gw, plans):
+    model = max({i["model"] for insts in plans.values() for i in insts}, key=lambda m: len(instances_of_model(plans, m)))
+    h, name = instances_of_model(plans, model)[0]
+    server = _server(host, h)
+    _wait_active(server, f"vllm@{name}")
+    server.check_output(f"kill -9 $(systemctl show -p MainPID --value vllm@{name})")
+    body = json.dumps(chat(model, max_tokens=4))
+    codes = host.check_output(
+        "for i in $(seq 50); do curl -s -o /dev/null -w '%{http_code}\\n' -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {gw.key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions; done"
+    ).split()
+    lost = 50 - codes.count("200")
+    print(f"kill -9 of {h}/{name}: {lost} of 50 requests lost")
+    assert lost == 0, codes
+    _wait_active(server, f"vllm@{name}")  # systemd brings it back (Restart=on-failure)

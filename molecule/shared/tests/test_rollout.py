@@ -1,0 +1,116 @@
+"""Rollouts driven from the controller with the operator's own playbooks, under client load
+through the gateway: nothing may be lost, and a broken update must not take the service down."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat
+
+testinfra_hosts = GATEWAY_HOSTS
+REPO = Path(__file__).resolve().parents[3]
+
+# Two clients, each a bounded loop of requests through the gateway, writing one status a line.
+LOAD = """
+for client in 1 2; do
+  ( end=$(( $(date +%s) + {seconds} )); n=0
+    while [ ! -e /tmp/load.stop ] && [ $(date +%s) -lt $end ] && [ $n -lt 5000 ]; do
+      curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 60 -H 'Content-Type: application/json' \\
+        -H 'Authorization: Bearer {key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions
+      n=$((n+1))
+    done > /tmp/load.$client ) &
+done
+wait
+"""
+
+
+def playbook(name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = ["ansible-playbook", "-i", INVENTORY, str(REPO / "playbooks" / name), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=1800)
+
+
+class Load:
+    """Background load on the gateway host, bounded in count and time."""
+
+    def __init__(self, host, model: str, seconds: int = 900):
+        self.host = host
+        key = host.ansible.get_variables()["vllm_api_key"]
+        body = json.dumps(chat(model, max_tokens=8))
+        script = base64.b64encode(LOAD.format(seconds=seconds, key=key, body=body).encode()).decode()
+        host.check_output(f"rm -f /tmp/load.stop /tmp/load.1 /tmp/load.2; echo {script} | base64 -d > /tmp/load.sh")
+        host.check_output("setsid nohup bash /tmp/load.sh >/dev/null 2>&1 < /dev/null &")
+
+    def stop(self) -> list[str]:
+        # Let the requests in flight finish (each is bounded by curl's --max-time).
+        self.host.run("touch /tmp/load.stop; for i in $(seq 70); do pgrep -x curl >/dev/null || break; sleep 1; done")
+        return self.host.check_output("cat /tmp/load.1 /tmp/load.2").split()
+
+
+@pytest.fixture(scope="module")
+def model(host):
+    server = host.get_host(f"ansible://{SERVING_HOSTS[0]}", ansible_inventory=INVENTORY)
+    return json.loads(server.file("/etc/vllm/instances.json").content_string)[0]["model"]
+
+
+def instance_env(name: str) -> dict[str, list[str]]:
+    """ROLLOUT_MARK in the environment of every running instance, per host."""
+    found = {}
+    for server_name in SERVING_HOSTS:
+        server = testinfra_host(server_name)
+        for inst in json.loads(server.file("/etc/vllm/instances.json").content_string):
+            pid = server.check_output(f"systemctl show -p MainPID --value vllm@{inst['name']}")
+            environ = server.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ")
+            found[f"{server_name}/{inst['name']}"] = [line for line in environ.splitlines() if line.startswith(name + "=")]
+    return found
+
+
+def testinfra_host(name: str):
+    import testinfra
+
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def test_preflight_refuses_a_missing_model_path_before_any_change():
+    bad = json.dumps({"vllm_models": [{"name": "ghost", "source": "/srv/models/does-not-exist"}]})
+    result = playbook("../site.yml", "-e", bad)
+    assert result.returncode != 0
+    assert "vllm_models (ghost).source: /srv/models/does-not-exist does not exist on this host" in result.stdout
+    assert "TASK [vllm : Install" not in result.stdout, "a host was touched after preflight failed"
+
+
+def test_rolling_update_under_load_loses_nothing(host, model):
+    load = Load(host, model)
+    result = playbook("rolling-update.yml", "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "2"}}))
+    codes = load.stop()
+    assert result.returncode == 0, result.stdout[-4000:]
+    failed = len(codes) - codes.count("200")
+    print(f"rolling update under load: {len(codes)} requests, {failed} failed")
+    assert codes and failed == 0, sorted(set(codes))
+    marks = instance_env("ROLLOUT_MARK")
+    assert all(v == ["ROLLOUT_MARK=2"] for v in marks.values()), marks
+
+
+def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model):
+    before = instance_env("VLLM_LOGGING_CONFIG_PATH")
+    load = Load(host, model)
+    broken = {"vllm_env": {"ROLLOUT_MARK": "2", "VLLM_LOGGING_CONFIG_PATH": "/nonexistent/logging.json"}}
+    result = playbook("rolling-update.yml", "-e", json.dumps(broken))
+    codes = load.stop()
+    assert result.returncode != 0, "the broken update reported success"
+    assert "Rolled back: the previous config is restored and serving again." in result.stdout
+    assert result.stdout.count("Rolled back") == 1, "the rollout went on past the first broken instance"
+    failed = len(codes) - codes.count("200")
+    print(f"broken update under load: {len(codes)} requests, {failed} failed")
+    assert codes and failed == 0, sorted(set(codes))
+    assert instance_env("VLLM_LOGGING_CONFIG_PATH") == before, "an instance runs the broken settings"
+    status = host.check_output(
+        "curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {host.ansible.get_variables()['vllm_api_key']}' "
+        f"--data-binary '{json.dumps(chat(model))}' http://127.0.0.1/v1/chat/completions"
+    )
+    assert status == "200"
