@@ -284,7 +284,10 @@ def gateway_servers(names: list[str], hostvars: Any, gateway: str) -> list[dict[
         hv = hostvars[name]
         if "vllm_plan" not in hv:
             raise AnsibleFilterError(f"host {name}: no instance plan; run the gateway through site.yml so preflight plans every host")
-        listen = str(hv["vllm_listen_address"])
+        plan = hv["vllm_plan"]
+        if not plan:
+            continue
+        listen = str(plan[0]["listen_address"])
         if listen in ("0.0.0.0", "::"):
             address = "127.0.0.1" if name == gateway else str(hv.get("ansible_host", name))
         elif (listen.startswith("127.") or listen == "::1") and name != gateway:
@@ -294,7 +297,7 @@ def gateway_servers(names: list[str], hostvars: Any, gateway: str) -> list[dict[
             )
         else:
             address = listen
-        servers.append({"host": name, "address": address, "plan": hv["vllm_plan"]})
+        servers.append({"host": name, "address": address, "plan": plan})
     return servers
 
 

@@ -174,16 +174,16 @@ def test_fallback_refusals(models, message):
 
 def test_gateway_reaches_hosts_by_their_listen_address():
     hostvars = {
-        "gw": {"vllm_plan": plan_instances([TINY], "gw"), "vllm_listen_address": "127.0.0.1"},
-        "s1": {"vllm_plan": plan_instances([TINY], "s1"), "vllm_listen_address": "10.0.0.5"},
-        "s2": {"vllm_plan": plan_instances([TINY], "s2"), "vllm_listen_address": "0.0.0.0", "ansible_host": "s2.lan"},
+        "gw": {"vllm_plan": plan_instances([TINY], "gw", listen_address="127.0.0.1")},
+        "s1": {"vllm_plan": plan_instances([TINY], "s1", listen_address="10.0.0.5")},
+        "s2": {"vllm_plan": plan_instances([TINY], "s2", listen_address="0.0.0.0"), "ansible_host": "s2.lan"},
     }
     servers = gateway_servers(["gw", "s1", "s2"], hostvars, "gw")
     assert [(s["host"], s["address"]) for s in servers] == [("gw", "127.0.0.1"), ("s1", "10.0.0.5"), ("s2", "s2.lan")]
 
 
 def test_gateway_refuses_a_remote_host_on_loopback():
-    hostvars = {"s1": {"vllm_plan": [], "vllm_listen_address": "127.0.0.1"}}
+    hostvars = {"s1": {"vllm_plan": plan_instances([TINY], "s1", listen_address="127.0.0.1")}}
     with pytest.raises(AnsibleFilterError, match=re.escape("host s1: vllm_listen_address: 127.0.0.1 is only reachable from s1")):
         gateway_servers(["s1"], hostvars, "gw")
 
