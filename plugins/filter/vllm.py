@@ -32,7 +32,9 @@ SERVE_SETTINGS = (
     "enable_prefix_caching",
     "trust_remote_code",
 )
-MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}, "fallback": None}
+MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}, "fallback": None, "gpus": None}
+# vLLM's own default share of each GPU's memory.
+VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # The role sets these itself; in extra_args they would clash, or (the key) leak into `ps`.
 MANAGED_FLAGS = {
     "--api-key": "the API key is passed through the environment file (vllm_api_key), never on a command line",
@@ -193,6 +195,17 @@ def plan_instances(
 
     reserved = set(reserved_ports or [])
     free_gpus = list(gpus) if gpus is not None else None
+    if free_gpus is not None:
+        # GPUs a model pins explicitly are shared on purpose and leave the automatic pool.
+        pinned = {g for m in validated for g in (m["gpus"] or [])}
+        for i, model in enumerate(validated):
+            for g in model["gpus"] or []:
+                if g not in free_gpus:
+                    raise _fail(
+                        host, f"vllm_models[{i}] ({model['name']}).gpus", f"GPU {g} is not one of this host's GPUs {list(gpus or [])}"
+                    )
+        free_gpus = [g for g in free_gpus if g not in pinned]
+    shared_use: dict[int, list[tuple[str, float]]] = {}
     instances: list[dict[str, Any]] = []
     port = port_base
     for model in validated:
@@ -203,7 +216,18 @@ def plan_instances(
             if port > 65535:
                 raise _fail(host, f"vllm_models ({model['name']})", f"ran out of ports above vllm_port_base {port_base}")
             assigned: list[int] = []
-            if free_gpus is not None:
+            if free_gpus is not None and model["gpus"]:
+                assigned = list(model["gpus"])
+                if len(assigned) != model["tensor_parallel_size"]:
+                    raise _fail(
+                        host,
+                        f"vllm_models ({model['name']}).gpus",
+                        f"lists {len(assigned)} GPU(s) for tensor_parallel_size {model['tensor_parallel_size']}",
+                    )
+                util = model.get("gpu_memory_utilization") or VLLM_DEFAULT_GPU_MEMORY_UTILIZATION
+                for g in assigned:
+                    shared_use.setdefault(g, []).append((name, util))
+            elif free_gpus is not None:
                 want = model["tensor_parallel_size"]
                 if want > len(free_gpus):
                     raise _fail(
@@ -233,6 +257,11 @@ def plan_instances(
                 }
             )
             port += 1
+    for gpu, users in sorted(shared_use.items()):
+        total = sum(u for _, u in users)
+        if total > 1.0 + 1e-9:
+            detail = ", ".join(f"{n} {u:g}" for n, u in users)
+            raise _fail(host, "vllm_models.gpu_memory_utilization", f"GPU {gpu} is shared by {detail}: {total:g} > 1.0")
     return instances
 
 

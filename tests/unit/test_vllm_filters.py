@@ -191,3 +191,30 @@ def test_gateway_refuses_a_remote_host_on_loopback():
 def test_gateway_refuses_a_fallback_no_host_serves():
     with pytest.raises(AnsibleFilterError, match="no serving host runs a model named 'nope'"):
         gateway_models([_server("s1", "10.0.0.1", {**TINY, "fallback": "nope"})])
+
+
+def test_pinned_gpus_are_shared_and_leave_the_automatic_pool():
+    models = [
+        {"name": "a", "source": "/a", "gpus": [0], "gpu_memory_utilization": 0.5},
+        {"name": "b", "source": "/b", "gpus": [0], "gpu_memory_utilization": 0.4},
+        {"name": "c", "source": "/c", "replicas": 2},
+    ]
+    plan = plan_instances(models, "h1", gpus=[0, 1, 2])
+    assert [(i["name"], i["gpus"]) for i in plan] == [("a-0", [0]), ("b-0", [0]), ("c-0", [1]), ("c-1", [2])]
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (
+            [{"name": "a", "source": "/a", "gpus": [0], "gpu_memory_utilization": 0.6}, {"name": "b", "source": "/b", "gpus": [0]}],
+            "vllm_models.gpu_memory_utilization: GPU 0 is shared by a-0 0.6, b-0 0.9: 1.5 > 1.0",
+        ),
+        ([{"name": "a", "source": "/a", "gpus": [0], "gpu_memory_utilization": 0.6, "replicas": 2}], "GPU 0 is shared by a-0 0.6, a-1 0.6"),
+        ([{"name": "a", "source": "/a", "gpus": [7]}], "vllm_models[0] (a).gpus: GPU 7 is not one of this host's GPUs [0, 1]"),
+        ([{"name": "a", "source": "/a", "gpus": [0], "tensor_parallel_size": 2}], "lists 1 GPU(s) for tensor_parallel_size 2"),
+    ],
+)
+def test_gpu_sharing_refusals(models, message):
+    with pytest.raises(AnsibleFilterError, match=re.escape(message)):
+        plan_instances(models, "h1", gpus=[0, 1])

@@ -109,6 +109,17 @@ def test_metrics_only_for_the_allowlist(host, plans):
     assert status == "403"
 
 
+def test_instance_ports_admit_the_gateway_only(host, plans):
+    if len(plans) < 2:
+        pytest.skip("needs two serving hosts")
+    first, second = list(plans)[:2]
+    inst = plans[first][0]
+    url = f"http://{inst['listen_address']}:{inst['port']}/health"
+    assert host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {url}") == "200"
+    refused = _server(host, second).run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {url}")
+    assert refused.stdout.strip() == "000" and refused.rc != 0, f"{second} reached {first}'s instance directly"
+
+
 def test_each_instance_serves_a_fair_share(host, gw, plans):
     model = max({i["model"] for insts in plans.values() for i in insts}, key=lambda m: len(instances_of_model(plans, m)))
     targets = instances_of_model(plans, model)

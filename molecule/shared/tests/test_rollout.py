@@ -15,14 +15,14 @@ from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat
 testinfra_hosts = GATEWAY_HOSTS
 REPO = Path(__file__).resolve().parents[3]
 
-# Two clients, each a bounded loop of requests through the gateway, writing one status a line.
+# Two clients, each a bounded, paced loop of requests through the gateway, one status a line.
 LOAD = """
 for client in 1 2; do
   ( end=$(( $(date +%s) + {seconds} )); n=0
     while [ ! -e /tmp/load.stop ] && [ $(date +%s) -lt $end ] && [ $n -lt 5000 ]; do
       curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 60 -H 'Content-Type: application/json' \\
         -H 'Authorization: Bearer {key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions
-      n=$((n+1))
+      n=$((n+1)); sleep 0.1
     done > /tmp/load.$client ) &
 done
 wait
@@ -57,11 +57,21 @@ def model(host):
     return json.loads(server.file("/etc/vllm/instances.json").content_string)[0]["model"]
 
 
+def main_pids() -> dict[str, str]:
+    """The main PID of every instance, per host, in rollout order (hosts, then their plan)."""
+    pids = {}
+    for server_name in SERVING_HOSTS:
+        server = _host(server_name)
+        for inst in json.loads(server.file("/etc/vllm/instances.json").content_string):
+            pids[f"{server_name}/{inst['name']}"] = server.check_output(f"systemctl show -p MainPID --value vllm@{inst['name']}")
+    return pids
+
+
 def instance_env(name: str) -> dict[str, list[str]]:
     """ROLLOUT_MARK in the environment of every running instance, per host."""
     found = {}
     for server_name in SERVING_HOSTS:
-        server = testinfra_host(server_name)
+        server = _host(server_name)
         for inst in json.loads(server.file("/etc/vllm/instances.json").content_string):
             pid = server.check_output(f"systemctl show -p MainPID --value vllm@{inst['name']}")
             environ = server.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ")
@@ -69,7 +79,7 @@ def instance_env(name: str) -> dict[str, list[str]]:
     return found
 
 
-def testinfra_host(name: str):
+def _host(name: str):
     import testinfra
 
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
@@ -97,13 +107,17 @@ def test_rolling_update_under_load_loses_nothing(host, model):
 
 def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model):
     before = instance_env("VLLM_LOGGING_CONFIG_PATH")
+    pids = main_pids()
     load = Load(host, model)
     broken = {"vllm_env": {"ROLLOUT_MARK": "2", "VLLM_LOGGING_CONFIG_PATH": "/nonexistent/logging.json"}}
     result = playbook("rolling-update.yml", "-e", json.dumps(broken))
     codes = load.stop()
     assert result.returncode != 0, "the broken update reported success"
     assert "Rolled back: the previous config is restored and serving again." in result.stdout
-    assert result.stdout.count("Rolled back") == 1, "the rollout went on past the first broken instance"
+    after = main_pids()
+    first, *rest = pids
+    assert after[first] != pids[first], f"{first} was not restarted"
+    assert {i: after[i] for i in rest} == {i: pids[i] for i in rest}, "the rollout went on past the first broken instance"
     failed = len(codes) - codes.count("200")
     print(f"broken update under load: {len(codes)} requests, {failed} failed")
     assert codes and failed == 0, sorted(set(codes))
