@@ -100,6 +100,29 @@ def test_unguarded_endpoints_are_refused_at_the_edge(gw, path):
         assert status == 404, f"{method} {path} reached a backend ({status})"
 
 
+def test_tls_with_a_generated_certificate(host):
+    port = host.ansible.get_variables().get("gateway_tls_port", 0)
+    if not port:
+        pytest.skip("TLS is off in this scenario")
+    out = host.check_output(f"curl -sk -o /dev/null -w '%{{http_code}} %{{ssl_verify_result}}' https://127.0.0.1:{port}/health")
+    assert out.split()[0] == "200"
+    subject = host.check_output(f"echo | openssl s_client -connect 127.0.0.1:{port} 2>/dev/null | openssl x509 -noout -subject")
+    assert host.ansible.get_variables()["inventory_hostname"] in subject
+
+
+def test_rate_limit_per_key(host, gw):
+    rate = host.ansible.get_variables().get("gateway_rate_limit", 0)
+    if not rate:
+        pytest.skip("no rate limit in this scenario")
+    burst = 4 * rate
+    codes = host.check_output(
+        f"seq {burst} | xargs -P 32 -I{{}} curl -s -o /dev/null -w '%{{http_code}}\\n' "
+        f"-H 'Authorization: Bearer {gw.key}' http://127.0.0.1/v1/models"
+    ).split()
+    print(f"{burst} requests at once: {codes.count('200')} served, {codes.count('429')} limited")
+    assert codes.count("429") > 0 and codes.count("200") > 0 and set(codes) <= {"200", "429"}
+
+
 def test_metrics_only_for_the_allowlist(host, plans):
     server, instance = next((h, i["name"]) for h, insts in plans.items() for i in insts)
     assert successes(host, server, instance) >= 0  # allowlisted loopback: served
