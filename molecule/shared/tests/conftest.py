@@ -12,6 +12,7 @@ import os
 import shlex
 
 import pytest
+import testinfra
 import testinfra.utils.ansible_runner
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -25,6 +26,19 @@ def instances_of(host) -> list[dict]:
     wanted = {m["name"] for m in host.ansible.get_variables()["vllm_models"]}
     assert {i["model"] for i in planned} == wanted, "the host does not run the models its inventory names"
     return planned
+
+
+def host_named(name: str):
+    """Another host of the scenario, to act on it from a test that runs on this one."""
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def sequential_codes(host, count: int, body: dict, key: str, url: str = "http://127.0.0.1/v1/chat/completions") -> list[str]:
+    """HTTP status of `count` requests sent one after another from `host`."""
+    return host.check_output(
+        f"for i in $(seq {count}); do curl -s -o /dev/null -w '%{{http_code}}\\n' -H 'Content-Type: application/json' "
+        f"-H 'Authorization: Bearer {key}' --data-binary '{json.dumps(body)}' {url}; done"
+    ).split()
 
 
 def env_file(instance: dict) -> str:

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat
+from conftest import GATEWAY_HOSTS, SERVING_HOSTS, chat, host_named, sequential_codes
 
 testinfra_hosts = GATEWAY_HOSTS
 
@@ -53,8 +53,7 @@ def gw(host):
 def plans(host):
     by_host = {}
     for name in SERVING_HOSTS:
-        server = host.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
-        by_host[name] = json.loads(server.file("/etc/vllm/instances.json").content_string)
+        by_host[name] = json.loads(host_named(name).file("/etc/vllm/instances.json").content_string)
     return by_host
 
 
@@ -126,7 +125,7 @@ def test_rate_limit_per_key(host, gw):
 def test_metrics_only_for_the_allowlist(host, plans):
     server, instance = next((h, i["name"]) for h, insts in plans.items() for i in insts)
     assert successes(host, server, instance) >= 0  # allowlisted loopback: served
-    other = host.get_host(f"ansible://{server}", ansible_inventory=INVENTORY)
+    other = host_named(server)
     gateway_ip = host.interface.default().addresses[0]
     status = other.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' http://{gateway_ip}/metrics/{instance}@{server}")
     assert status == "403"
@@ -139,7 +138,7 @@ def test_instance_ports_admit_the_gateway_only(host, plans):
     inst = plans[first][0]
     url = f"http://{inst['listen_address']}:{inst['port']}/health"
     assert host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {url}") == "200"
-    refused = _server(host, second).run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {url}")
+    refused = host_named(second).run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 5 {url}")
     assert refused.stdout.strip() == "000" and refused.rc != 0, f"{second} reached {first}'s instance directly"
 
 
@@ -148,11 +147,7 @@ def test_each_instance_serves_a_fair_share(host, gw, plans):
     targets = instances_of_model(plans, model)
     assert len(targets) >= 2, "the scenario needs a model with several instances"
     before = {t: successes(host, *t) for t in targets}
-    body = json.dumps(chat(model, max_tokens=4))
-    codes = host.check_output(
-        "for i in $(seq 60); do curl -s -o /dev/null -w '%{http_code}\\n' -H 'Content-Type: application/json' "
-        f"-H 'Authorization: Bearer {gw.key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions; done"
-    ).split()
+    codes = sequential_codes(host, 60, chat(model, max_tokens=4), gw.key)
     assert codes.count("200") == 60, codes
     shares = {f"{h}/{i}": successes(host, h, i) - before[(h, i)] for h, i in targets}
     print(f"requests per instance of {model}: {shares}")
@@ -187,10 +182,6 @@ def test_stream_is_not_buffered(host, gw, plans):
     assert out["spread"] > 0.005
 
 
-def _server(host, name):
-    return host.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
-
-
 def _wait_active(server, unit, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -207,25 +198,21 @@ def test_fallback_serves_when_every_primary_is_down(host, gw, plans):
     model = primaries[0][2]
     try:
         for h, name, _ in primaries:
-            _server(host, h).check_output(f"systemctl stop vllm@{name}")
+            host_named(h).check_output(f"systemctl stop vllm@{name}")
         results = [gw("/v1/chat/completions", chat(model))[0] for _ in range(5)]
         assert results == [200] * 5, results
     finally:
         for h, name, _ in primaries:
-            _server(host, h).run(f"systemctl start vllm@{name}")
+            host_named(h).run(f"systemctl start vllm@{name}")
 
 
 def test_no_request_lost_when_an_instance_is_killed(host, gw, plans):
     model = max({i["model"] for insts in plans.values() for i in insts}, key=lambda m: len(instances_of_model(plans, m)))
     h, name = instances_of_model(plans, model)[0]
-    server = _server(host, h)
+    server = host_named(h)
     _wait_active(server, f"vllm@{name}")
     server.check_output(f"kill -9 $(systemctl show -p MainPID --value vllm@{name})")
-    body = json.dumps(chat(model, max_tokens=4))
-    codes = host.check_output(
-        "for i in $(seq 50); do curl -s -o /dev/null -w '%{http_code}\\n' -H 'Content-Type: application/json' "
-        f"-H 'Authorization: Bearer {gw.key}' --data-binary '{body}' http://127.0.0.1/v1/chat/completions; done"
-    ).split()
+    codes = sequential_codes(host, 50, chat(model, max_tokens=4), gw.key)
     lost = 50 - codes.count("200")
     print(f"kill -9 of {h}/{name}: {lost} of 50 requests lost")
     assert lost == 0, codes

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat
+from conftest import GATEWAY_HOSTS, INVENTORY, SERVING_HOSTS, chat, host_named, sequential_codes
 
 testinfra_hosts = GATEWAY_HOSTS
 REPO = Path(__file__).resolve().parents[3]
@@ -53,15 +53,14 @@ class Load:
 
 @pytest.fixture(scope="module")
 def model(host):
-    server = host.get_host(f"ansible://{SERVING_HOSTS[0]}", ansible_inventory=INVENTORY)
-    return json.loads(server.file("/etc/vllm/instances.json").content_string)[0]["model"]
+    return json.loads(host_named(SERVING_HOSTS[0]).file("/etc/vllm/instances.json").content_string)[0]["model"]
 
 
 def main_pids() -> dict[str, str]:
     """The main PID of every instance, per host, in rollout order (hosts, then their plan)."""
     pids = {}
     for server_name in SERVING_HOSTS:
-        server = _host(server_name)
+        server = host_named(server_name)
         for inst in json.loads(server.file("/etc/vllm/instances.json").content_string):
             pids[f"{server_name}/{inst['name']}"] = server.check_output(f"systemctl show -p MainPID --value vllm@{inst['name']}")
     return pids
@@ -71,18 +70,12 @@ def instance_env(name: str) -> dict[str, list[str]]:
     """ROLLOUT_MARK in the environment of every running instance, per host."""
     found = {}
     for server_name in SERVING_HOSTS:
-        server = _host(server_name)
+        server = host_named(server_name)
         for inst in json.loads(server.file("/etc/vllm/instances.json").content_string):
             pid = server.check_output(f"systemctl show -p MainPID --value vllm@{inst['name']}")
             environ = server.check_output(f"tr '\\0' '\\n' < /proc/{pid}/environ")
             found[f"{server_name}/{inst['name']}"] = [line for line in environ.splitlines() if line.startswith(name + "=")]
     return found
-
-
-def _host(name: str):
-    import testinfra
-
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
 def test_preflight_refuses_a_missing_model_path_before_any_change():
@@ -109,7 +102,7 @@ def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model
     """The first host's models get a context length the tiny model cannot have: vLLM refuses to
     start, so its first instance must be restored and the rollout must stop there."""
     first_host = SERVING_HOSTS[0]
-    server = _host(first_host)
+    server = host_named(first_host)
     models = [{**m, "max_model_len": 1000000} for m in server.ansible.get_variables()["vllm_models"]]
     broken = tmp_path / "broken.yml"
     broken.write_text(json.dumps({"all": {"hosts": {first_host: {"vllm_models": models}}}}))
@@ -133,9 +126,4 @@ def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model
     failed = len(codes) - codes.count("200")
     print(f"broken update under load: {len(codes)} requests, {failed} failed")
     assert codes and failed == 0, sorted(set(codes))
-    status = host.check_output(
-        "curl -s -o /dev/null -w '%{http_code}' -H 'Content-Type: application/json' "
-        f"-H 'Authorization: Bearer {host.ansible.get_variables()['vllm_api_key']}' "
-        f"--data-binary '{json.dumps(chat(model))}' http://127.0.0.1/v1/chat/completions"
-    )
-    assert status == "200"
+    assert sequential_codes(host, 1, chat(model), host.ansible.get_variables()["vllm_api_key"]) == ["200"]
