@@ -31,7 +31,9 @@ wait
 
 def playbook(name: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = ["ansible-playbook", "-i", INVENTORY, str(REPO / "playbooks" / name), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=1800)
+    # Plain, unwrapped output to search: molecule's own settings force colour and YAML results.
+    env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
 
 
 class Load:
