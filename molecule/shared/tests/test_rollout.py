@@ -29,6 +29,11 @@ wait
 """
 
 
+def said(result: subprocess.CompletedProcess) -> str:
+    """Everything the run printed, with line wrapping folded away, to search for a message."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
 def playbook(name: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = ["ansible-playbook", "-i", INVENTORY, str(REPO / "playbooks" / name), *extra]
     # Plain, unwrapped output to search: molecule's own settings force colour and YAML results.
@@ -84,7 +89,7 @@ def test_preflight_refuses_a_missing_model_path_before_any_change():
     bad = json.dumps({"vllm_models": [{"name": "ghost", "source": "/srv/models/does-not-exist"}]})
     result = playbook("../site.yml", "-e", bad)
     assert result.returncode != 0
-    assert "vllm_models (ghost).source: /srv/models/does-not-exist does not exist on this host" in result.stdout
+    assert "vllm_models (ghost).source: /srv/models/does-not-exist does not exist on this host" in said(result)
     assert "TASK [vllm : Install" not in result.stdout, "a host was touched after preflight failed"
 
 
@@ -117,8 +122,8 @@ def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model
     result = playbook("rolling-update.yml", "-i", str(broken), "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "3"}}))
     codes = load.stop()
     assert result.returncode != 0, "the broken update reported success"
-    assert "Rolled back: the previous config is restored and serving again." in result.stdout
-    assert "max_model_len" in result.stdout, "the failure does not show vLLM's reason"
+    assert "Rolled back: the previous config is restored and serving again." in said(result)
+    assert "max_model_len" in said(result), "the failure does not show vLLM's reason"
     after = main_pids()
     first_key, *rest = pids
     assert after[first_key] != pids[first_key], f"{first_key} was not restarted"
