@@ -116,7 +116,11 @@ def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model
     first = json.loads(server.file("/etc/vllm/instances.json").content_string)[0]["name"]
     dropin = f"/etc/systemd/system/vllm@{first}.service.d/instance.conf"
     env = f"/etc/vllm/instances/{first}.env"
-    before = {path: server.file(path).sha256sum for path in (dropin, env)}
+
+    def state():
+        return {p: (f.sha256sum, f.user, f.group, f.mode) for p in (dropin, env) for f in [server.file(p)]}
+
+    before = state()
     pids = main_pids()
     load = Load(host, model)
     result = playbook("rolling-update.yml", "-i", str(broken), "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "3"}}))
@@ -128,7 +132,7 @@ def test_broken_update_stops_at_the_first_instance_and_keeps_serving(host, model
     first_key, *rest = pids
     assert after[first_key] != pids[first_key], f"{first_key} was not restarted"
     assert {i: after[i] for i in rest} == {i: pids[i] for i in rest}, "the rollout went on past the first broken instance"
-    assert {path: server.file(path).sha256sum for path in (dropin, env)} == before, "the previous config was not restored"
+    assert state() == before, "the previous config (content, owner, mode) was not restored"
     assert server.run(f"ls {env}.*~ {dropin}.*~ 2>/dev/null").stdout == "", "backups were left behind"
     failed = len(codes) - codes.count("200")
     print(f"broken update under load: {len(codes)} requests, {failed} failed")
