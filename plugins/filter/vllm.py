@@ -9,6 +9,9 @@ with a message an operator can act on.
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import posixpath
 import re
 from typing import Any
@@ -148,6 +151,56 @@ def _validate_model(host: str, index: int, model: dict[str, Any]) -> dict[str, A
     return model
 
 
+# nvidia-smi topo -m cells, best first (NV# = any number of NVLinks); see plugins/filter/nvidia.py.
+_LINK_RANK = {"PIX": 1, "PXB": 2, "PHB": 3, "NODE": 4, "SYS": 5}
+
+
+def _rank(link: str | None) -> int:
+    if link is None:
+        return 6
+    return 0 if link.startswith("NV") else _LINK_RANK.get(link, 6)
+
+
+def _normalise_gpus(gpus: list[Any] | None) -> tuple[list[int] | None, dict[int, dict[str, Any]]]:
+    """Indices plus, where the host's GPU facts were given instead of bare indices, the facts."""
+    if gpus is None:
+        return None, {}
+    facts = {int(g["index"]): g for g in gpus if isinstance(g, dict)}
+    return [int(g["index"]) if isinstance(g, dict) else int(g) for g in gpus], facts
+
+
+def place_gpus(free: list[int], want: int, facts: dict[int, dict[str, Any]]) -> list[int]:
+    """The `want` free GPUs a tensor-parallel instance should get: the set whose worst pair is
+    best connected (all NVLink, then one PCIe switch, ..., then across NUMA nodes), then the best
+    total, then the lowest indices. Without topology facts, the first `want` free GPUs."""
+    if want <= 1 or not facts or want >= len(free):
+        return free[:want]
+
+    def cost(group: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+        ranks = [_rank((facts.get(a) or {}).get("links", {}).get(str(b))) for a, b in itertools.combinations(group, 2)]
+        return max(ranks), sum(ranks), group
+
+    groups = itertools.combinations(sorted(free), want)
+    return list(min(itertools.islice(groups, 200000), key=cost))
+
+
+def _numa_binding(assigned: list[int], facts: dict[int, dict[str, Any]]) -> tuple[int | None, list[int]]:
+    """The NUMA node and CPUs an instance is bound to when all its GPUs sit on one node."""
+    nodes = {(facts.get(g) or {}).get("numa_node") for g in assigned}
+    if not assigned or len(nodes) != 1 or None in nodes:
+        return None, []
+    return nodes.pop(), sorted(set((facts.get(assigned[0]) or {}).get("cpus") or []))
+
+
+def cpu_ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2 5' (systemd CPUAffinity= syntax)."""
+    out, cpus = [], sorted(cpus)
+    for _, run in itertools.groupby(enumerate(cpus), key=lambda p: p[1] - p[0]):
+        run = [c for _, c in run]
+        out.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return " ".join(out)
+
+
 def plan_instances(
     models: list[dict[str, Any]],
     host: str,
@@ -155,13 +208,17 @@ def plan_instances(
     listen_address: str = "127.0.0.1",
     port_base: int = 8000,
     models_dir: str = "/var/lib/vllm/models",
-    gpus: list[int] | None = None,
+    gpus: list[Any] | None = None,
     reserved_ports: list[int] | None = None,
+    nccl_env: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Expand models x replicas into this host's instances: name, port, GPUs, argv, env.
 
-    `gpus` is the host's GPU indices (detected or the operator's override); None means a host
-    without GPUs (the CPU build), where no GPU is pinned. Names are `<model>-<replica>` so that
+    `gpus` is the host's GPU indices (the operator's override) or its GPU facts (nvidia_gpu_facts,
+    which add NVLink/PCIe topology and NUMA affinity); None means a host without GPUs (the CPU
+    build), where no GPU is pinned. Tensor-parallel instances get the best-connected free GPUs and
+    are bound to their NUMA node's CPUs; `nccl_env` goes into every tensor-parallel instance's
+    environment (the model's own env wins). Names are `<model>-<replica>` so that
     adding a replica never renames, and so never restarts, the instances already running.
     """
     if not isinstance(models, list) or not models:
@@ -194,6 +251,7 @@ def plan_instances(
         model["path"] = path
 
     reserved = set(reserved_ports or [])
+    gpus, gpu_facts = _normalise_gpus(gpus)
     free_gpus = list(gpus) if gpus is not None else None
     if free_gpus is not None:
         # GPUs a model pins explicitly are shared on purpose and leave the automatic pool.
@@ -235,8 +293,11 @@ def plan_instances(
                         f"vllm_models ({model['name']}).tensor_parallel_size",
                         f"instance {name} needs {want} GPU(s) but only {len(free_gpus)} of {len(gpus or [])} are left",
                     )
-                assigned, free_gpus = free_gpus[:want], free_gpus[want:]
-            env = {str(k): str(v) for k, v in model["env"].items()}
+                assigned = place_gpus(free_gpus, want, gpu_facts)
+                free_gpus = [g for g in free_gpus if g not in assigned]
+            numa_node, cpus = _numa_binding(assigned, gpu_facts)
+            env = {str(k): str(v) for k, v in (nccl_env or {}).items()} if model["tensor_parallel_size"] > 1 else {}
+            env.update({str(k): str(v) for k, v in model["env"].items()})
             if free_gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
             health_host = "127.0.0.1" if listen_address in ("0.0.0.0", "::") else listen_address
@@ -248,6 +309,9 @@ def plan_instances(
                     "listen_address": listen_address,
                     "port": port,
                     "gpus": assigned,
+                    "tensor_parallel_size": model["tensor_parallel_size"],
+                    "numa_node": numa_node,
+                    "cpus": cpu_ranges(cpus),
                     "source": model["source_parsed"],
                     "model_path": model["path"],
                     "fallback": model["fallback"],
@@ -263,6 +327,39 @@ def plan_instances(
             detail = ", ".join(f"{n} {u:g}" for n, u in users)
             raise _fail(host, "vllm_models.gpu_memory_utilization", f"GPU {gpu} is shared by {detail}: {total:g} > 1.0")
     return instances
+
+
+def check_heads(results: list[dict[str, Any]], host: str) -> list[str]:
+    """Refuse a tensor_parallel_size that does not divide the model's attention heads.
+
+    `results` are slurp results of each tensor-parallel model's config.json, with the instance as
+    `item`; a model whose config is not readable yet (a hub model not downloaded) is left to vLLM.
+    Returns the models checked. Multimodal configs keep the language model's heads in a
+    sub-config (text_config, llm_config, language_config)."""
+    checked = []
+    for result in results:
+        item, content = result.get("item") or {}, result.get("content")
+        tp = int(item.get("tensor_parallel_size") or 1)
+        if not content or tp == 1:
+            continue
+        try:
+            config = json.loads(base64.b64decode(content))
+        except ValueError:
+            raise _fail(host, f"vllm_models ({item['model']}).source", "its config.json is not valid JSON") from None
+        for sub in ("text_config", "llm_config", "language_config"):
+            if "num_attention_heads" not in config and isinstance(config.get(sub), dict):
+                config = config[sub]
+        heads = config.get("num_attention_heads")
+        kv_heads = config.get("num_key_value_heads", heads)
+        for field, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if isinstance(value, int) and value % tp:
+                raise _fail(
+                    host,
+                    f"vllm_models ({item['model']}).tensor_parallel_size",
+                    f"{tp} does not divide the model's {field} ({value}); use a divisor of {value}",
+                )
+        checked.append(item["model"])
+    return checked
 
 
 def _url_host(address: str) -> str:
@@ -369,6 +466,7 @@ class FilterModule:
         return {
             "vllm_parse_source": parse_source,
             "vllm_plan_instances": plan_instances,
+            "vllm_check_heads": check_heads,
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
             "vllm_journal_summary": journal_summary,
