@@ -50,18 +50,28 @@ def test_no_nvidia_software_on_a_host_without_a_gpu(host):
         assert not host.package(package).is_installed, package
 
 
-def test_nvidia_roles_say_why_they_skip_and_a_rerun_changes_nothing():
+def playbook(name: str, *args: str) -> tuple[int, str]:
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
     run = subprocess.run(
-        ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / "hosts.yml")],
+        ["ansible-playbook", "-i", INVENTORY, str(PROJECT / "playbooks" / name), *args],
         capture_output=True,
         text=True,
         env=env,
         cwd=PROJECT,
         timeout=600,
     )
-    said = run.stdout + run.stderr
-    assert run.returncode == 0, said
+    return run.returncode, run.stdout + run.stderr
+
+
+def test_nvidia_roles_say_why_they_skip_and_a_rerun_changes_nothing():
+    rc, said = playbook("hosts.yml")
+    assert rc == 0, said
     for role in ("nvidia_driver", "nvidia_container_toolkit"):
         assert f"no NVIDIA GPU on the PCI bus (/sys/bus/pci/devices): {role} skipped" in said, said
     assert " changed=0 " in said and " failed=0 " in said, said
+
+
+def test_preflight_names_a_misspelt_role_variable():
+    rc, said = playbook("preflight.yml", "-e", "nvidia_driver_brnach=570")
+    assert rc != 0
+    assert "host vllm-gpu-host-1: unknown variable(s) nvidia_driver_brnach. Known to role nvidia_driver:" in said, said

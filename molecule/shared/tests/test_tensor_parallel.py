@@ -17,17 +17,27 @@ def tp_instances(host) -> list[dict]:
     return found
 
 
+def workers(host) -> dict[int, str]:
+    """pid -> title of every tensor-parallel worker (vLLM titles them VLLM::Worker_TP<rank>)."""
+    found = {}
+    for line in host.check_output("ps -eo pid=,args=").splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if args.startswith("VLLM::Worker_TP"):
+            found[int(pid)] = args
+    return found
+
+
 def test_one_worker_per_rank_inside_the_instance_unit(host, tp_instances):
-    workers = host.check_output("ps -eo pid=,args= | grep -E 'VLLM::Worker_TP[0-9]+' | grep -v grep || true")
+    procs = workers(host)
     for inst in tp_instances:
         unit = f"vllm@{inst['name']}.service"
-        ranks = []
-        for line in workers.splitlines():
-            pid, title = line.split(None, 1)
-            if unit in host.file(f"/proc/{pid}/cgroup").content_string:
-                ranks.append(int(re.search(r"Worker_TP(\d+)", title).group(1)))
-        print(f"{unit}: worker ranks {sorted(ranks)}")
-        assert sorted(ranks) == list(range(inst["tensor_parallel_size"])), workers
+        ranks = sorted(
+            int(re.match(r"VLLM::Worker_TP(\d+)", title).group(1))
+            for pid, title in procs.items()
+            if unit in host.file(f"/proc/{pid}/cgroup").content_string
+        )
+        print(f"{unit}: worker ranks {ranks}")
+        assert ranks == list(range(inst["tensor_parallel_size"])), procs
 
 
 def test_ranks_run_on_their_own_cores(host, tp_instances):
@@ -35,9 +45,9 @@ def test_ranks_run_on_their_own_cores(host, tp_instances):
     binds = host.ansible.get_variables().get("vllm_nccl_env", {}).get("VLLM_CPU_OMP_THREADS_BIND")
     if not binds:
         pytest.skip("no per-rank CPU binding in this scenario")
-    pids = host.check_output("pgrep -f 'VLLM::Worker_TP' || true").split()
-    allowed = sorted(host.check_output(f"grep Cpus_allowed_list /proc/{pid}/status | cut -f2").strip() for pid in pids)
-    assert allowed == sorted(binds.split("|")), allowed
+    allowed = {title: host.check_output(f"grep Cpus_allowed_list /proc/{pid}/status").split()[-1] for pid, title in workers(host).items()}
+    print(f"worker CPUs: {allowed}")
+    assert sorted(allowed.values()) == sorted(binds.split("|")), allowed
 
 
 def test_completions_through_both_ranks(host, tp_instances):
