@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import chat, instances_of, request
+from conftest import SERVING_HOSTS, chat, instances_of, request
+
+testinfra_hosts = SERVING_HOSTS
 
 
 @pytest.fixture(scope="module")
