@@ -27,9 +27,6 @@ GPU_CLASSES = ("0x0300", "0x0302")
 QUERY_FIELDS = ("index", "uuid", "name", "memory.total", "driver_version", "pci.bus_id", "persistence_mode")
 _INT_FIELDS = {"index", "memory.total", "memory.used", "memory.free", "count"}
 
-# How close two GPUs are in `nvidia-smi topo -m`, best first. NV# is any number of NVLinks.
-LINK_RANK = {"NV": 0, "PIX": 1, "PXB": 2, "PHB": 3, "NODE": 4, "SYS": 5}
-
 
 def pci_gpus(listing: str) -> list[dict[str, str]]:
     """NVIDIA GPUs among PCI devices, from lines of `<address> <vendor> <class>` as read from
@@ -130,13 +127,6 @@ def parse_topology(output: str) -> dict[int, dict[str, Any]]:
     if not gpus:
         raise AnsibleFilterError("the nvidia-smi topo -m matrix has no GPU rows")
     return gpus
-
-
-def link_rank(link: str) -> int:
-    """Rank of a topology cell: 0 NVLink ... 5 across NUMA nodes; unknown cells rank worst."""
-    if link.startswith("NV"):
-        return LINK_RANK["NV"]
-    return LINK_RANK.get(link, len(LINK_RANK))
 
 
 def gpu_facts(query_output: str, topology_output: str = "") -> list[dict[str, Any]]:

@@ -151,7 +151,7 @@ def _validate_model(host: str, index: int, model: dict[str, Any]) -> dict[str, A
     return model
 
 
-# nvidia-smi topo -m cells, best first (NV# = any number of NVLinks); see plugins/filter/nvidia.py.
+# nvidia-smi topo -m cells (parsed by plugins/filter/nvidia.py), best first; NV# = any number of NVLinks.
 _LINK_RANK = {"PIX": 1, "PXB": 2, "PHB": 3, "NODE": 4, "SYS": 5}
 
 
