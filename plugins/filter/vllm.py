@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import math
+import os
 import posixpath
 import re
 from typing import Any
@@ -38,16 +40,139 @@ SERVE_SETTINGS = (
 MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}, "fallback": None, "gpus": None}
 # vLLM's own default share of each GPU's memory.
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-# The role sets these itself; in extra_args they would clash, or (the key) leak into `ps`.
+# Flags the role sets itself, or whose effect the planner must own: in extra_args they would
+# clash, take GPUs the plan does not know of, or (the key, a hub token) show in `ps`.
 MANAGED_FLAGS = {
-    "--api-key": "the API key is passed through the environment file (vllm_api_key), never on a command line",
+    "--api-key": "the API key reaches vLLM through the environment file (vllm_api_key), never a command line",
+    "--hf-token": "a token on the command line shows in ps; set vllm_hf_token (models are fetched by Ansible)",
+    "--config": "a config file could set the key, the address or the port behind the plan's back; use the model's fields and extra_args",
     "--host": "set vllm_listen_address",
     "--port": "ports are planned from vllm_port_base",
+    "--uds": "instances listen on their planned TCP port, which the gateway and the health gate use",
     "--model": "set the model's source",
-    "--served-model-name": "set the model's name",
+    "--served-model-name": "set the model's name (and fallback)",
     "--tensor-parallel-size": "set the model's tensor_parallel_size",
-    "-tp": "set the model's tensor_parallel_size",
+    "--pipeline-parallel-size": "an instance's GPUs are planned from tensor_parallel_size; pipeline parallelism is not planned",
+    "--data-parallel-size": "set the model's replicas (one instance each, planned and balanced by the gateway)",
+    "--data-parallel-size-local": "set the model's replicas (one instance each, planned and balanced by the gateway)",
+    "--nnodes": "an instance runs on one host",
+    "--node-rank": "an instance runs on one host",
+    "--headless": "an instance runs on one host",
 }
+# Flags the model's own fields render; given in extra_args as well they would be given twice.
+FIELD_FLAGS = {
+    "--" + key.replace("_", "-"): key
+    for key in (
+        "max_model_len",
+        "gpu_memory_utilization",
+        "dtype",
+        "max_num_seqs",
+        "quantization",
+        "kv_cache_dtype",
+        "enable_prefix_caching",
+        "trust_remote_code",
+    )
+}
+# The role sets these in every instance's environment: the key, the planned GPUs, and loopback
+# for the sockets vLLM opens between its own processes (engine queues, Gloo, NCCL bootstrap).
+LOOPBACK_ENV = {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+MANAGED_ENV = {
+    "VLLM_API_KEY": "set vllm_api_key",
+    "CUDA_VISIBLE_DEVICES": "GPUs are planned; pin a model with its `gpus` list",
+    **{name: "instances keep vLLM's internal sockets on loopback" for name in LOOPBACK_ENV},
+}
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FLAGS_DIR = posixpath.join(posixpath.dirname(posixpath.abspath(__file__)), "vllm_serve_flags")
+
+
+def serve_flags(version: str) -> dict[str, str] | None:
+    """Every option string of `vllm serve` in this release -> its first (canonical) spelling, from
+    vllm_serve_flags/<version>.txt; None for a release without a list."""
+    try:
+        with open(posixpath.join(FLAGS_DIR, f"{version}.txt"), encoding="utf-8") as handle:
+            lines = [line.split() for line in handle if line.strip() and not line.startswith("#")]
+    except OSError:
+        return None
+    return {flag: words[0] for words in lines for flag in words}
+
+
+def _canonical(flag: str, known: dict[str, str] | None) -> tuple[str | None, str]:
+    """What argparse (as vLLM configures it) makes of an option token: (canonical flag or None, why).
+
+    vLLM turns `_` into `-` in long names (up to a '.', for --json-arg.key forms) and argparse
+    accepts any unambiguous prefix of a long option, so `--api_key` and `--api-ke` are `--api-key`.
+    """
+    if flag.startswith("--"):
+        name = "--" + flag[2:].split(".", 1)[0].replace("_", "-")
+    else:
+        name = flag
+    if known is None:
+        # No flag list for this release: resolve against the managed flags alone.
+        if name in MANAGED_FLAGS or name in FIELD_FLAGS:
+            return name, ""
+        prefixed = [m for m in MANAGED_FLAGS if name.startswith("--") and len(name) > 2 and m.startswith(name)]
+        return (prefixed[0], "") if prefixed else (None, "")
+    if name in known:
+        return known[name], ""
+    if name.startswith("--") and len(name) > 2:
+        matches = sorted({canon for spelled, canon in known.items() if spelled.startswith(name) and spelled.startswith("--")})
+        if len(matches) == 1:
+            return matches[0], ""
+        if matches:
+            return None, f"an ambiguous abbreviation of {', '.join(matches[:4])}{', ...' if len(matches) > 4 else ''}"
+    return None, "not a `vllm serve` flag"
+
+
+def extra_args_problem(args: list[Any], model: dict[str, Any], known: dict[str, str] | None) -> tuple[int, str] | None:
+    """The first extra_args element vLLM would misread, or the plan must refuse: (index, reason)."""
+    for index, arg in enumerate(args):
+        if not isinstance(arg, str):
+            return index, "is not a string; quote it"
+        token = arg.strip()
+        if not token.startswith("-") or token == "-" or re.match(r"^-\d", token):
+            continue  # a value
+        if re.search(r"\s", token):
+            return index, "holds a flag and something more in one element; write one flag or value per element, e.g. ['--flag', 'value']"
+        if token.startswith("-O"):
+            continue  # vLLM's own -O<level> shorthand for --optimization-level
+        canonical, why = _canonical(token.split("=", 1)[0], known)
+        if canonical in MANAGED_FLAGS:
+            return index, f"sets {canonical}, which is not allowed here: {MANAGED_FLAGS[canonical]}"
+        if canonical in FIELD_FLAGS and model.get(FIELD_FLAGS[canonical]) is not None:
+            return index, f"sets {canonical} while the model's {FIELD_FLAGS[canonical]} field sets it too; keep one"
+        if canonical is None and known is not None:
+            return index, f"is {why}"
+    return None
+
+
+def env_problem(env: Any) -> tuple[str, str] | None:
+    """The first environment entry the env file would mangle, or the role must own:
+    (variable name, the value shown with what is wrong and what is accepted)."""
+    if not isinstance(env, dict):
+        return "", f"{_shown(env)} is not a mapping; accepted: variable names mapped to strings or numbers"
+    for name, value in env.items():
+        if not isinstance(name, str) or not ENV_NAME_RE.match(name):
+            return str(name), f"{_shown(name)} is not a variable name; accepted: letters, digits and '_', not starting with a digit"
+        if name in MANAGED_ENV:
+            return name, f"{_shown(value)} is refused: {name} is set by the role ({MANAGED_ENV[name]})"
+        if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+            kind = (
+                "a YAML boolean"
+                if isinstance(value, bool)
+                else "null"
+                if value is None
+                else "a list"
+                if isinstance(value, (list, tuple))
+                else "a mapping"
+                if isinstance(value, dict)
+                else "not text"
+            )
+            return name, f"{_shown(value)} is {kind}; accepted: a string or a number (write '1' or 'true' in quotes)"
+        if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return name, f"{_shown(value)} holds a control character (a newline?); accepted: one line of text"
+    return None
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 SYSTEMD_SAFE_RE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
@@ -120,30 +245,44 @@ def serve_args(model: dict[str, Any], *, path: str, host: str, port: int, aliase
     return args + [str(arg) for arg in model["extra_args"]]
 
 
-def _validate_model(host: str, index: int, model: dict[str, Any]) -> dict[str, Any]:
+def _shown(value: Any) -> str:
+    """A value as an operator wrote it, for a message (JSON, shortened)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _whole(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _validate_model(host: str, index: int, model: dict[str, Any], flags: dict[str, str] | None) -> dict[str, Any]:
     where = f"vllm_models[{index}]"
     if not isinstance(model, dict):
-        raise _fail(host, where, "each model must be a mapping with at least name and source")
+        raise _fail(host, where, f"{_shown(model)} is not a mapping; accepted: a mapping with at least name and source")
     model = {**MODEL_DEFAULTS, **model}
     name = model.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise _fail(host, f"{where}.name", f"{name!r} must be 1-63 letters, digits, '.', '_' or '-'")
+        raise _fail(
+            host,
+            f"{where}.name",
+            f"{_shown(name)} is not a name; accepted: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
     where = f"vllm_models[{index}] ({name})"
     for field in ("replicas", "tensor_parallel_size"):
-        value = model[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _fail(host, f"{where}.{field}", f"must be a whole number >= 1, got {value!r}")
+        if not _whole(model[field], 1):
+            raise _fail(host, f"{where}.{field}", f"{_shown(model[field])} is refused; accepted: a whole number >= 1, without quotes")
     util = model.get("gpu_memory_utilization")
-    if util is not None and not (isinstance(util, (int, float)) and 0 < util <= 1):
-        raise _fail(host, f"{where}.gpu_memory_utilization", f"must be in (0, 1], got {util!r}")
+    if util is not None and not (isinstance(util, (int, float)) and not isinstance(util, bool) and 0 < util <= 1):
+        raise _fail(host, f"{where}.gpu_memory_utilization", f"{_shown(util)} is refused; accepted: a number in (0, 1], without quotes")
     if not isinstance(model["extra_args"], list):
-        raise _fail(host, f"{where}.extra_args", "must be a list of strings, e.g. ['--enable-chunked-prefill']")
-    for arg in model["extra_args"]:
-        flag = str(arg).split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
-            raise _fail(host, f"{where}.extra_args", f"{flag} is not allowed here: {MANAGED_FLAGS[flag]}")
-    if not isinstance(model["env"], dict):
-        raise _fail(host, f"{where}.env", "must be a mapping of variable names to values")
+        raise _fail(host, f"{where}.extra_args", f"{_shown(model['extra_args'])} is not a list; accepted: a list, e.g. ['--enforce-eager']")
+    problem = extra_args_problem(model["extra_args"], model, flags)
+    if problem:
+        at, reason = problem
+        raise _fail(host, f"{where}.extra_args[{at}]", f"{_shown(model['extra_args'][at])} {reason}")
+    problem = env_problem(model["env"])
+    if problem:
+        raise _fail(host, f"{where}.env{'.' + problem[0] if problem[0] else ''}", problem[1])
     try:
         model["source_parsed"] = parse_source(model.get("source"))
     except AnsibleFilterError as err:
@@ -211,6 +350,8 @@ def plan_instances(
     gpus: list[Any] | None = None,
     reserved_ports: list[int] | None = None,
     nccl_env: dict[str, Any] | None = None,
+    env: dict[str, Any] | None = None,
+    version: str | None = None,
 ) -> list[dict[str, Any]]:
     """Expand models x replicas into this host's instances: name, port, GPUs, argv, env.
 
@@ -222,8 +363,13 @@ def plan_instances(
     adding a replica never renames, and so never restarts, the instances already running.
     """
     if not isinstance(models, list) or not models:
-        raise _fail(host, "vllm_models", "must be a non-empty list of models")
-    validated = [_validate_model(host, i, model) for i, model in enumerate(models)]
+        raise _fail(host, "vllm_models", f"{_shown(models)} is refused; accepted: a non-empty list of models")
+    for field, value in (("vllm_env", env), ("vllm_nccl_env", nccl_env)):
+        problem = env_problem(value or {})
+        if problem:
+            raise _fail(host, f"{field}{'.' + problem[0] if problem[0] else ''}", problem[1])
+    flags = serve_flags(version) if version else None
+    validated = [_validate_model(host, i, model, flags) for i, model in enumerate(models)]
     seen: dict[str, int] = {}
     for i, model in enumerate(validated):
         if model["name"] in seen:
@@ -296,10 +442,14 @@ def plan_instances(
                 assigned = place_gpus(free_gpus, want, gpu_facts)
                 free_gpus = [g for g in free_gpus if g not in assigned]
             numa_node, cpus = _numa_binding(assigned, gpu_facts)
-            env = {str(k): str(v) for k, v in (nccl_env or {}).items()} if model["tensor_parallel_size"] > 1 else {}
-            env.update({str(k): str(v) for k, v in model["env"].items()})
+            # Host-wide, then NCCL for tensor parallel, then the model's own; the role's last.
+            instance_env = {str(k): str(v) for k, v in (env or {}).items()}
+            if model["tensor_parallel_size"] > 1:
+                instance_env.update({str(k): str(v) for k, v in (nccl_env or {}).items()})
+            instance_env.update({str(k): str(v) for k, v in model["env"].items()})
+            instance_env.update(LOOPBACK_ENV)
             if free_gpus is not None:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
+                instance_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
             health_host = "127.0.0.1" if listen_address in ("0.0.0.0", "::") else listen_address
             instances.append(
                 {
@@ -316,7 +466,7 @@ def plan_instances(
                     "model_path": model["path"],
                     "fallback": model["fallback"],
                     "args": serve_args(model, path=model["path"], host=listen_address, port=port, aliases=aliases.get(model["name"], [])),
-                    "env": env,
+                    "env": instance_env,
                     "health_url": f"http://{_url_host(health_host)}:{port}/health",
                 }
             )
@@ -362,6 +512,72 @@ def check_heads(results: list[dict[str, Any]], host: str) -> list[str]:
     return checked
 
 
+def plan_report(models: Any, host: str, **kwargs: Any) -> dict[str, Any]:
+    """plan_instances for preflight: {"plan": [...], "error": None} or {"plan": None, "error": why},
+    so that every host's problems are collected and reported together instead of one at a time."""
+    try:
+        return {"plan": plan_instances(models, host, **kwargs), "error": None}
+    except AnsibleFilterError as err:
+        return {"plan": None, "error": str(err)}
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        return {"plan": None, "error": f"host {host}: vllm_models: could not be planned: {err}"}
+
+
+def planned(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan of a plan_report, or its refusal raised."""
+    if report["error"]:
+        raise AnsibleFilterError(report["error"])
+    return report["plan"]
+
+
+def host_errors(
+    plan: list[dict[str, Any]],
+    host: str,
+    *,
+    host_paths: list[dict[str, Any]],
+    configs: list[dict[str, Any]],
+    shm_mib: int | None,
+    min_shm_mib: int,
+    wheelhouse: str,
+) -> list[str]:
+    """What a plan needs that is not there, found before any change: model directories on the
+    host and on the controller (this filter runs on the controller), the wheelhouse, heads that
+    the tensor-parallel size divides, and /dev/shm for tensor parallelism."""
+    errors = []
+    for result in host_paths:
+        item = result.get("item") or {}
+        if not (result.get("stat") or {}).get("exists"):
+            errors.append(
+                f"host {host}: vllm_models ({item.get('model')}).source: {item.get('location')!r} does not exist on this host; "
+                "accepted: a model directory on the host, controller:/path, or hf:org/name"
+            )
+    for source in model_sources(plan):
+        if source["kind"] == "controller" and not posixpath.isfile(posixpath.join(source["location"], "config.json")):
+            errors.append(
+                f'host {host}: vllm_models ({source["model"]}).source: "controller:{source["location"]}" '
+                "has no config.json on the controller; "
+                "accepted: a model directory on the controller"
+            )
+    if wheelhouse:
+        wheels = [f for f in os.listdir(wheelhouse) if f.endswith(".whl")] if posixpath.isdir(wheelhouse) else []
+        if not wheels:
+            errors.append(
+                f"host {host}: vllm_wheelhouse: {wheelhouse!r} is not a directory of wheels on the controller; "
+                "accepted: a directory built by playbooks/wheelhouse.yml, or empty to install from an index"
+            )
+    try:
+        check_heads(configs, host)
+    except AnsibleFilterError as err:
+        errors.append(str(err))
+    tp = sorted({i["model"] for i in plan if i["tensor_parallel_size"] > 1})
+    if tp and shm_mib is not None and shm_mib < min_shm_mib:
+        errors.append(
+            f"host {host}: /dev/shm: {shm_mib} MiB is too small for the tensor-parallel instances of {', '.join(tp)}; "
+            f"accepted: at least {min_shm_mib} MiB (a container host: --shm-size or --ipc=host)"
+        )
+    return errors
+
+
 def _url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
@@ -375,6 +591,16 @@ def systemd_command_line(argv: list[str]) -> str:
             arg = '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
         out.append(arg)
     return " ".join(out)
+
+
+def environment_value(value: Any) -> str:
+    """A value for a systemd EnvironmentFile=, double-quoted. systemd unescapes only \\" and \\\\
+    there and expands nothing, so every other character (UTF-8, $, %) is kept as written; control
+    characters cannot be carried and are refused by the planner before anything is written."""
+    text = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise AnsibleFilterError("an environment value cannot hold control characters")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # vLLM prefixes every line of a traceback with its log header; the reason is the exception line.
@@ -448,11 +674,22 @@ def gateway_models(servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if entry["fallback"] != inst["fallback"]:
                 raise AnsibleFilterError(f"host {server['host']}: vllm_models ({inst['model']}).fallback differs between serving hosts")
             entry["servers"].append(
-                {"host": server["host"], "instance": inst["name"], "address": f"{_url_host(server['address'])}:{inst['port']}"}
+                {
+                    "host": server["host"],
+                    "instance": inst["name"],
+                    "id": f"{inst['name']}@{server['host']}",
+                    "address": f"{_url_host(server['address'])}:{inst['port']}",
+                }
             )
-    upstreams = {e["upstream"]: e["name"] for e in by_model.values()}
-    if len(upstreams) != len(by_model):
-        raise AnsibleFilterError("two model names map to the same gateway upstream; rename one (letters, digits, '_')")
+    # nginx compares upstream names without case, and the upstream name turns '.' and '-' into '_'.
+    upstreams: dict[str, str] = {}
+    for entry in by_model.values():
+        other = upstreams.setdefault(entry["upstream"].lower(), entry["name"])
+        if other != entry["name"]:
+            raise AnsibleFilterError(
+                f"vllm_models: the model names {other!r} and {entry['name']!r} are one name to nginx (case, '.', '-' and '_' aside); "
+                "accepted: names that differ in a letter or digit"
+            )
     for entry in by_model.values():
         fallback = entry["fallback"]
         if fallback is not None and fallback not in by_model:
@@ -461,15 +698,146 @@ def gateway_models(servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(by_model.values(), key=lambda e: e["name"])
 
 
+def instance_changes(
+    instances: list[dict[str, Any]], active: list[str], dropin_changed: list[bool], env_changed: list[bool]
+) -> list[dict[str, Any]]:
+    """Each planned instance as {name, model, state}: `new` when it does not serve (never
+    started, stopped, failed, or starting), `changed` when it serves but its command line or
+    environment (which records the unit's version too) would change, else `same`."""
+    out = []
+    for inst, state, dropin, env in zip(instances, active, dropin_changed, env_changed, strict=True):
+        kind = "new" if state.strip() != "active" else "changed" if dropin or env else "same"
+        out.append({"name": inst["name"], "model": inst["model"], "state": kind})
+    return out
+
+
+def _step(setting: Any, total: int) -> int:
+    """A batch size: a count, or a percentage ('25%') of `total`, at least 1."""
+    if isinstance(setting, str) and setting.endswith("%"):
+        return max(1, math.floor(total * int(setting[:-1]) / 100))
+    return max(1, int(setting))
+
+
+def rollout_batches(hosts: list[str], hostvars: Any, gateways: list[str], batch: Any = 1, serial: Any = 1) -> list[dict[str, Any]]:
+    """The order in which instances that serve and whose configuration changed are restarted:
+    [{"instances": [{host, name, model}], "unavailable": [models with no instance left serving]}].
+
+    Each host's `__vllm_changes` lists its planned instances as {name, model, state}, state being
+    new (not serving: started at once, elsewhere), changed or same. With a gateway in front, a
+    batch holds at most `batch` instances of each model (a count, or a percentage of that model's
+    instances on all hosts), so a model keeps its other instances serving while a batch is drained
+    and restarted; different models change in the same batch. A model with one instance has none
+    left while it restarts: the batch says so. Without a gateway nothing can drain, so whole hosts
+    change, `serial` of them at a time (a count or a percentage of hosts). Every host computes the
+    same list from the same hostvars, so all of them walk it in step.
+    """
+    changes = {h: list(hostvars[h].get("__vllm_changes") or []) for h in hosts}
+    totals: dict[str, int] = {}
+    for host in hosts:
+        for inst in changes[host]:
+            totals[inst["model"]] = totals.get(inst["model"], 0) + 1
+    groups: list[list[dict[str, Any]]] = []
+    if gateways:
+        queues: dict[str, list[dict[str, Any]]] = {}
+        for host in hosts:
+            for inst in changes[host]:
+                if inst["state"] == "changed":
+                    queues.setdefault(inst["model"], []).append({"host": host, "name": inst["name"], "model": inst["model"]})
+        for model, queue in queues.items():
+            size = _step(batch, totals[model])
+            for k in range(0, len(queue), size):
+                if k // size == len(groups):
+                    groups.append([])
+                groups[k // size].extend(queue[k : k + size])
+    else:
+        touched = [h for h in hosts if any(i["state"] == "changed" for i in changes[h])]
+        size = _step(serial, len(hosts))
+        groups = [
+            [
+                {"host": h, "name": i["name"], "model": i["model"]}
+                for h in touched[k : k + size]
+                for i in changes[h]
+                if i["state"] == "changed"
+            ]
+            for k in range(0, len(touched), size)
+        ]
+    out = []
+    for group in groups:
+        counts: dict[str, int] = {}
+        for inst in group:
+            counts[inst["model"]] = counts.get(inst["model"], 0) + 1
+        out.append({"instances": group, "unavailable": sorted(m for m, n in counts.items() if n >= totals[m])})
+    return out
+
+
+def gateway_report(names: list[str], hostvars: Any, gateway: str, balancing: str = "least_conn") -> dict[str, Any]:
+    """The gateway's upstreams for preflight, from the serving hosts whose own checks passed
+    (they report their own problems): {"plan": [...], "errors": [...]}."""
+    sound = [n for n in names if not hostvars[n].get("__preflight_settings_errors") and not hostvars[n].get("vllm_preflight_errors")]
+    try:
+        plan = gateway_models(gateway_servers(sound, hostvars, gateway))
+    except AnsibleFilterError as err:
+        text = str(err)
+        return {"plan": None, "errors": [text if text.startswith("host ") else f"host {gateway}: {text}"]}
+    errors = []
+    if len(sound) == len(names) and not plan:
+        errors.append(f"host {gateway}: vllm_servers: no serving host plans an instance; accepted: at least one model on one host")
+    if balancing == "hash" and any(m["fallback"] for m in plan):
+        with_fallback = ", ".join(m["name"] for m in plan if m["fallback"])
+        errors.append(
+            f'host {gateway}: gateway_balancing: "hash" cannot serve the fallback of {with_fallback} (nginx has no backup servers '
+            "with hash); accepted: least_conn or round_robin, or no fallback"
+        )
+    return {"plan": plan, "errors": errors}
+
+
+def firewall_ports(instances: list[dict[str, Any]], manifest: str, configured: list[str]) -> list[int]:
+    """Ports the firewall covers: the planned instances', and those of instances still configured
+    on the host that the plan dropped (`manifest`: the last run's instances.json, base64)."""
+    planned = {i["name"] for i in instances}
+    try:
+        last = json.loads(base64.b64decode(manifest)) if manifest else []
+    except ValueError:
+        last = []
+    leaving = [i["port"] for i in last if isinstance(i, dict) and i.get("name") in set(configured) - planned and "port" in i]
+    return sorted({int(i["port"]) for i in instances} | {int(p) for p in leaving})
+
+
+def stale_ids(hostvars: Any, hosts: list[str]) -> list[str]:
+    """<host>/<instance> of every instance that preflight no longer plans, on all hosts."""
+    return [f"{h}/{name}" for h in hosts for name in (hostvars[h].get("__vllm_stale") or [])]
+
+
+def gateway_routes(models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What the gateway's router reads: per model its upstream, fallback and instance ids."""
+    return {m["name"]: {"upstream": m["upstream"], "fallback": m["fallback"], "instances": [s["id"] for s in m["servers"]]} for m in models}
+
+
+def gateway_instances(models: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every instance behind the gateway once, {id, address}: its /health and /metrics routes."""
+    return [{"id": s["id"], "address": s["address"]} for m in models for s in m["servers"]]
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "vllm_parse_source": parse_source,
             "vllm_plan_instances": plan_instances,
+            "vllm_plan_report": plan_report,
+            "vllm_planned": planned,
+            "vllm_host_errors": host_errors,
             "vllm_check_heads": check_heads,
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
+            "vllm_environment_value": environment_value,
             "vllm_journal_summary": journal_summary,
             "vllm_gateway_models": gateway_models,
             "vllm_gateway_servers": gateway_servers,
+            "vllm_gateway_report": gateway_report,
+            "vllm_rollout_batches": rollout_batches,
+            "vllm_instance_changes": instance_changes,
+            "vllm_stale_ids": stale_ids,
+            "vllm_firewall_ports": firewall_ports,
+            "vllm_gateway_routes": gateway_routes,
+            "vllm_gateway_instances": gateway_instances,
         }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from nvidia import AnsibleFilterError, driver_packages, gpu_facts, parse_query_gpu, parse_topology, pci_gpus
-from vllm import check_heads, cpu_ranges, place_gpus, plan_instances
+from vllm import LOOPBACK_ENV, check_heads, cpu_ranges, place_gpus, plan_instances
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
 
@@ -149,9 +149,11 @@ def test_planner_places_tensor_parallel_on_nvlink_and_binds_numa_cpus():
     nccl = {"NCCL_DEBUG": "INFO", "NCCL_P2P_LEVEL": "NVL"}
     plan = plan_instances(models, "gpu-01", gpus=facts_from(matrix, 4, [0, 0, 0, 0]), nccl_env=nccl)
     small, big = plan
-    assert small["gpus"] == [0] and small["env"] == {"CUDA_VISIBLE_DEVICES": "0"}, "nccl_env is for tensor-parallel instances only"
+    assert small["gpus"] == [0] and small["env"] == {**LOOPBACK_ENV, "CUDA_VISIBLE_DEVICES": "0"}, (
+        "nccl_env is for tensor-parallel instances only"
+    )
     assert big["gpus"] == [1, 3]
-    assert big["env"] == {"NCCL_DEBUG": "WARN", "NCCL_P2P_LEVEL": "NVL", "CUDA_VISIBLE_DEVICES": "1,3"}
+    assert big["env"] == {"NCCL_DEBUG": "WARN", "NCCL_P2P_LEVEL": "NVL", **LOOPBACK_ENV, "CUDA_VISIBLE_DEVICES": "1,3"}
     assert (big["numa_node"], big["cpus"]) == (0, "0-3")
 
 

@@ -83,16 +83,16 @@ def test_cpu_hosts_get_no_gpus():
 @pytest.mark.parametrize(
     ("models", "kwargs", "message"),
     [
-        ([], {}, "host h1: vllm_models: must be a non-empty list"),
+        ([], {}, "host h1: vllm_models: [] is refused; accepted: a non-empty list"),
         ([{**TINY, "tensor_parallel_size": 4}], {"gpus": [0, 1]}, "tensor_parallel_size: instance tiny-0 needs 4 GPU(s) but only 2 of 2"),
         ([{**TINY, "replicas": 3}], {"gpus": [0, 1]}, "instance tiny-2 needs 1 GPU(s) but only 0 of 2"),
         ([TINY, {**TINY, "source": "/m/x"}], {}, "vllm_models[1].name: 'tiny' is already the name of vllm_models[0]"),
-        ([{**TINY, "replicas": 0}], {}, "vllm_models[0] (tiny).replicas: must be a whole number >= 1"),
-        ([{**TINY, "gpu_memory_utilization": 1.5}], {}, "gpu_memory_utilization: must be in (0, 1]"),
-        ([{**TINY, "extra_args": ["--api-key", "x"]}], {}, "--api-key is not allowed here"),
-        ([{**TINY, "extra_args": ["--port=9"]}], {}, "--port is not allowed here"),
+        ([{**TINY, "replicas": 0}], {}, "vllm_models[0] (tiny).replicas: 0 is refused; accepted: a whole number >= 1"),
+        ([{**TINY, "gpu_memory_utilization": 1.5}], {}, "gpu_memory_utilization: 1.5 is refused; accepted: a number in (0, 1]"),
+        ([{**TINY, "extra_args": ["--api-key", "x"]}], {}, 'extra_args[0]: "--api-key" sets --api-key, which is not allowed here'),
+        ([{**TINY, "extra_args": ["--port=9"]}], {}, 'extra_args[0]: "--port=9" sets --port, which is not allowed here'),
         ([{**TINY, "source": "nowhere"}], {}, "vllm_models[0] (tiny).source: source 'nowhere' is neither"),
-        ([{"name": "bad name", "source": "/m"}], {}, "vllm_models[0].name: 'bad name' must be"),
+        ([{"name": "bad name", "source": "/m"}], {}, 'vllm_models[0].name: "bad name" is not a name'),
         ([TINY, {"name": "tiny2", "source": "controller:/other/tiny"}], {}, "would both be stored in /var/lib/vllm/models/tiny"),
     ],
 )
