@@ -94,6 +94,9 @@ ensure_wheelhouse() {
 }
 
 # A random-weight Llama small enough for a CPU, with a tokenizer trained here.
+# The njs engine nginx runs the gateway's router with, for its unit tests.
+ensure_njs() { apt_install njs; }
+
 ensure_model() {
   [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0
   log "model: writing the tiny test model into $VLLM_ANSIBLE_MODEL"
@@ -101,6 +104,7 @@ ensure_model() {
 }
 
 ensure_all() {
+  ensure_njs
   ensure_venv
   ensure_docker
   ensure_image
