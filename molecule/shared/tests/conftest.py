@@ -1,21 +1,27 @@
 """Helpers shared by every scenario's testinfra checks.
 
-Requests are made on the serving host itself (instances listen on its loopback). An
-authenticated request reads the key from the instance's environment file inside the shell,
-so the key never appears in a command line that Ansible would log on the host.
+Requests are made on the hosts themselves (instances listen on their host's loopback or behind
+the firewall). An authenticated request reads the key from the instance's environment file
+inside the shell, so the key never appears in a command line that Ansible would log.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+SCENARIO = os.environ.get("MOLECULE_SCENARIO_NAME", "")
+REPO = Path(__file__).resolve().parents[3]
 SERVING_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 GATEWAY_HOSTS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_gateway")
 
@@ -64,6 +70,54 @@ def request(host, instance: dict, path: str, body: dict | None = None, *, key: b
 
 def chat(model: str, prompt: str = "Say hello.", **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, **extra}
+
+
+def successes(server, instance: dict) -> float:
+    """vllm:request_success_total of one instance, read on its own host: what it served itself."""
+    text = server.check_output(f"curl -sS --fail {instance['health_url'].removesuffix('/health')}/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total{"))
+
+
+def access_lines(server, instance: dict, needle: str, since: str = "") -> int:
+    """Lines of the instance's own access log (uvicorn, in its journal) that contain `needle`."""
+    result = server.run(f"journalctl --unit vllm@{instance['name']} --no-pager --output cat {since} | grep -cF -- {shlex.quote(needle)}")
+    return int(result.stdout.strip() or 0)
+
+
+def unit_state(server, unit: str) -> dict[str, str]:
+    out = server.check_output(f"systemctl show -p ActiveState -p MainPID -p NRestarts -p ExecMainStartTimestampMonotonic {unit}")
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def wait_active(server, unit: str, timeout: int = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.run(f"systemctl is-active {unit}").stdout.strip() == "active":
+            return
+        time.sleep(3)
+    raise AssertionError(f"{unit} did not come back")
+
+
+def playbook(name: str, *extra: str, inventory: str = INVENTORY, check: bool = False) -> subprocess.CompletedProcess:
+    """Run one of the operator's playbooks against the scenario, with plain, unwrapped output."""
+    cmd = ["ansible-playbook", "-i", inventory, str(REPO / name), *extra]
+    if check:
+        cmd += ["--check", "--diff"]
+    env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+
+
+def said(result: subprocess.CompletedProcess) -> str:
+    """Everything the run printed, with line wrapping folded away, to search for a message."""
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def recap(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counts per host: {host: {ok, changed, unreachable, failed, ...}}."""
+    counts = {}
+    for host, fields in re.findall(r"^(\S+)\s+: (ok=.*)$", result.stdout, flags=re.M):
+        counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+    return counts
 
 
 @pytest.fixture(scope="module")

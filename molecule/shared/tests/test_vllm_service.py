@@ -30,6 +30,36 @@ def test_listens_on_configured_address_and_port(host, instances):
         assert host.socket(f"tcp://{inst['listen_address']}:{inst['port']}").is_listening
 
 
+def vllm_listeners(host) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket the service user listens on, from `ss`."""
+    uid = host.check_output("id -u vllm")
+    found = []
+    for line in host.check_output("ss -Hltne").splitlines():
+        fields = line.split()
+        if f"uid:{uid}" in fields:
+            address, _, port = fields[3].rpartition(":")
+            found.append((address.strip("[]"), int(port)))
+    return found
+
+
+def test_every_socket_vllm_opens_is_on_loopback_or_a_firewalled_instance_port(host, instances):
+    """vLLM opens engine queues and Gloo/NCCL rendezvous sockets besides its API port; on the
+    host's own address they would be reachable from the network."""
+    listeners = vllm_listeners(host)
+    print(f"vLLM listens on: {sorted(listeners)}")
+    api = {(i["listen_address"], i["port"]) for i in instances}
+    assert api <= set(listeners), "the instances' own ports are not in the listing: the check would see nothing"
+    assert len(listeners) > len(api), "no internal socket found: vLLM's engine sockets were not seen"
+    exposed = [(a, p) for a, p in listeners if not a.startswith("127.") and a != "::1"]
+    if all(i["listen_address"].startswith("127.") for i in instances):
+        assert exposed == [], f"sockets beyond loopback on a loopback layout: {exposed}"
+    else:
+        rejecting = next(line for line in host.check_output("nft list table inet vllm_instances").splitlines() if "reject" in line)
+        covered = {int(p) for p in re.findall(r"\b\d+\b", rejecting.split("{", 1)[1].split("}", 1)[0])}
+        assert set(exposed) <= api, f"beyond loopback, sockets other than the instances' own ports: {set(exposed) - api}"
+        assert {p for _, p in exposed} <= covered, f"instance ports the firewall does not cover: {exposed}, covered {covered}"
+
+
 def test_health_is_200(host, instances):
     for inst in instances:
         status, _ = request(host, inst, "/health", key=False)
@@ -77,9 +107,12 @@ def _split(secret: str) -> str:
 
 def test_key_not_in_ps(host, api_key):
     # ps runs before grep starts, so grep's own argv (which holds the key) is not in the listing.
-    result = host.run(f"listing=$(ps auxww); printf '%s' \"$listing\" | grep -cF -- {_split(api_key)}")
+    search = "listing=$(ps auxww); printf '%s' \"$listing\" | grep -cF -- "
+    canary = "ps-canary-7d1e0f"
+    host.run(f"setsid bash -c 'exec -a {canary} sleep 30' >/dev/null 2>&1 &")
+    assert host.run(search + _split(canary)).stdout.strip() == "1", "the search cannot find a planted process name"
     assert "vllm.entrypoints" in host.check_output("ps auxww"), "no vLLM process to check"
-    assert result.stdout.strip() == "0", "the API key shows in ps"
+    assert host.run(search + _split(api_key)).stdout.strip() == "0", "the API key shows in ps"
 
 
 def test_key_not_in_execstart(host, instances, api_key):
@@ -90,15 +123,23 @@ def test_key_not_in_execstart(host, instances, api_key):
 
 
 def test_key_not_in_any_world_readable_file(host, api_key):
-    result = host.run(
-        f"for d in / /run /tmp; do find $d -xdev -type f -perm -0004 -print0; done | xargs -0 grep -lF -- {_split(api_key)} || true"
-    )
+    search = "for d in / /run /tmp; do find $d -xdev -type f -perm -0004 -print0; done | xargs -0 grep -lF -- {} || true"
+    canary = "file-canary-5b2c9a"
+    host.check_output(f"printf %s {canary} > /run/canary.txt && chmod 0644 /run/canary.txt")
+    try:
+        assert host.run(search.format(_split(canary))).stdout.strip() == "/run/canary.txt", "the search cannot find a planted file"
+    finally:
+        host.run("rm -f /run/canary.txt")
+    result = host.run(search.format(_split(api_key)))
     assert result.stdout.strip() == "", f"world-readable files hold the key: {result.stdout}"
 
 
 def test_key_not_in_journal(host, api_key):
-    result = host.run(f"journalctl --no-pager -o cat | grep -cF -- {_split(api_key)}")
-    assert result.stdout.strip() == "0", "the API key was logged"
+    search = "journalctl --no-pager -o cat | grep -cF -- "
+    canary = "journal-canary-0c4f77"
+    host.check_output(f"logger -t canary {canary} && journalctl --sync")
+    assert host.run(search + _split(canary)).stdout.strip() != "0", "the search cannot find a planted journal line"
+    assert host.run(search + _split(api_key)).stdout.strip() == "0", "the API key was logged"
 
 
 def test_environment_file_mode_and_owner(host, instances, api_key):

@@ -1,0 +1,111 @@
+"""The table of bad inventories (tests/preflight_cases.yml) through the real site.yml, against a
+converged host: every case is refused in preflight with its words, and nothing changes.
+
+Each case is its own inventory host, reached through the same container; cases that need a
+gateway beside a serving host get an inventory of their own (a gateway sees every serving host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+from conftest import INVENTORY, REPO, SCENARIO, SERVING_HOSTS, host_named
+
+testinfra_hosts = SERVING_HOSTS[:1]
+CASES = yaml.safe_load((REPO / "tests" / "preflight_cases.yml").read_text())
+BASE_SERVER = {
+    "vllm_device": "cpu",
+    "vllm_api_key": "a-good-key-0123456789",
+    "vllm_models": [{"name": "tiny", "source": "controller:<MODEL>", "max_model_len": 512}],
+}
+
+pytestmark = pytest.mark.skipif(SCENARIO != "default", reason="the table runs once, in the default scenario")
+
+
+def substitute(value):
+    return json.loads(json.dumps(value).replace("<MODEL>", os.environ["VLLM_ANSIBLE_MODEL"]))
+
+
+def server_vars(case: dict) -> dict:
+    hv = substitute({**BASE_SERVER, **case["servers"]})
+    for name in case.get("unset", []):
+        hv.pop(name)
+    return hv
+
+
+def run_site(inventory: dict, tmp_path, name: str) -> dict:
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    env = {**os.environ, "ANSIBLE_STDOUT_CALLBACK": "json", "ANSIBLE_FORCE_COLOR": "0"}
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(path), str(REPO / "site.yml")], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode != 0, f"{name}: the bad inventory passed"
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def refusals(report: dict) -> dict[str, str]:
+    """The refusal message per host, from the last task that ran."""
+    assert [p["play"]["name"] for p in report["plays"]] == ["Preflight"], "a play after preflight started"
+    last = report["plays"][0]["tasks"][-1]
+    assert last["task"]["name"] == "Refuse the inventory if any host has a problem", last["task"]["name"]
+    return {h: r.get("msg", "") for h, r in last["hosts"].items() if r.get("failed")}
+
+
+def snapshot(server) -> str:
+    """What a run that got past preflight would have changed: files the roles write, and the
+    processes they start."""
+    files = server.check_output(
+        "find /etc/vllm /etc/systemd/system /etc/nginx /opt/vllm /var/lib/vllm -maxdepth 4 -printf '%p %s %T@\\n' 2>/dev/null"
+        " | sort | sha256sum"
+    )
+    pids = server.check_output(
+        "cat /run/nginx.pid; systemctl show -p MainPID --value $(systemctl list-units 'vllm@*' --plain --no-legend | awk '{print $1}')"
+    )
+    return files + pids
+
+
+def test_every_bad_inventory_is_refused_before_any_change(host, tmp_path):
+    real = yaml.safe_load(open(INVENTORY))["all"]["hosts"][host.ansible.get_variables()["inventory_hostname"]]
+    connection = {"ansible_connection": real["ansible_connection"], "ansible_host": host.ansible.get_variables()["inventory_hostname"]}
+    before = snapshot(host)
+    together = [c for c in CASES if not ("servers" in c and "gateway" in c)]
+    inventory = {
+        "all": {
+            "vars": connection,
+            "children": {
+                "vllm_servers": {"hosts": {f"bad-{c['id']}": server_vars(c) for c in together if "servers" in c}},
+                "vllm_gateway": {"hosts": {f"bad-{c['id']}": substitute(c["gateway"]) for c in together if "gateway" in c}},
+            },
+        }
+    }
+    found = refusals(run_site(inventory, tmp_path, "together"))
+    for case in CASES:
+        if case in together:
+            continue
+        inventory = {
+            "all": {
+                "vars": connection,
+                "children": {
+                    "vllm_servers": {"hosts": {f"bad-{case['id']}-srv": server_vars(case)}},
+                    "vllm_gateway": {"hosts": {f"bad-{case['id']}": substitute(case["gateway"])}},
+                },
+            }
+        }
+        found.update(refusals(run_site(inventory, tmp_path, case["id"])))
+    missing = []
+    for case in CASES:
+        message = found.get(f"bad-{case['id']}", "")
+        for words in case["expect"]:
+            if words not in " ".join(message.split()) and words not in message:
+                missing.append(f"{case['id']}: {words!r} not in {message!r}")
+        if f"host bad-{case['id']}" not in message:
+            missing.append(f"{case['id']}: the message does not name the host: {message!r}")
+    print(f"{len(CASES)} bad inventories, {len(found)} hosts refused")
+    assert not missing, "\n".join(missing)
+    assert snapshot(host) == before, "a refused run changed the host"
+    assert host_named(SERVING_HOSTS[0]).service("vllm@tiny-chat-0").is_running
