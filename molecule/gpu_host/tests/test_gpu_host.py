@@ -74,4 +74,8 @@ def test_nvidia_roles_say_why_they_skip_and_a_rerun_changes_nothing():
 def test_preflight_names_a_misspelt_role_variable():
     rc, said = playbook("preflight.yml", "-e", "nvidia_driver_brnach=570")
     assert rc != 0
-    assert "host vllm-gpu-host-1: unknown variable(s) nvidia_driver_brnach. Known to role nvidia_driver:" in said, said
+    assert (
+        "host vllm-gpu-host-1: nvidia_driver_brnach: is not a variable of nvidia_driver;"
+        " did you mean nvidia_driver_branch?" in said
+    ), said
+    assert "nothing was changed on any host" in said, said

@@ -68,8 +68,9 @@ def every_instance(plans) -> list[tuple[str, dict]]:
     return [(h, i) for h, insts in plans.items() for i in insts]
 
 
-def counts(plans) -> dict[tuple[str, str], float]:
-    return {(h, i["name"]): successes(host_named(h), i) for h, i in every_instance(plans)}
+def counts(plans, among: list[tuple[str, dict]] | None = None) -> dict[tuple[str, str], float]:
+    """Each instance's own count of requests it served (of every instance, or of `among`)."""
+    return {(h, i["name"]): successes(host_named(h), i) for h, i in (among or every_instance(plans))}
 
 
 def models_of(plans) -> list[str]:
@@ -309,7 +310,9 @@ def test_stream_arrives_as_it_is_generated(host, gw, plans):
     )
     print(f"stream through the gateway: {via_gateway}\nstraight from {server}/{inst['name']}: {direct}")
     assert via_gateway["status"] == 200 and via_gateway["done"] and via_gateway["events"] >= 200
-    assert via_gateway["reads"] >= max(10, direct["reads"] // 2), "the gateway delivered the stream in few pieces"
+    # A reader slower than the tokens gets several events a read, through the gateway or not;
+    # a buffering proxy delivers the whole stream in one or two reads, at its end.
+    assert via_gateway["reads"] >= 10, "the gateway delivered the stream in few pieces"
     assert via_gateway["spread"] >= 0.5 * direct["spread"], "the pieces arrived bunched together"
     assert via_gateway["first"] <= direct["first"] + 0.5 * direct["total"], "the first piece arrived late"
 
@@ -332,10 +335,10 @@ def test_health_tells_the_truth_as_instances_stop_and_start(host, gw, plans):
         status, body = gw("/health", auth=False)
         report = json.loads(body)
         assert status == 200 and report["status"] == "degraded" and report["served_by_fallback"] == [model], body
-        before = counts(plans)
+        before = counts(plans, backups)
         assert [gw("/v1/chat/completions", chat(model, max_tokens=2))[0] for _ in range(5)] == [200] * 5
-        after = counts(plans)
-        assert sum(after[(h, i["name"])] - before[(h, i["name"])] for h, i in backups) == 5, "the fallback did not serve them"
+        after = counts(plans, backups)
+        assert sum(after[k] - before[k] for k in after) == 5, "the fallback did not serve them"
         for h, i in backups:
             host_named(h).check_output(f"systemctl stop vllm@{i['name']}")
             stopped.append((h, i))
@@ -374,13 +377,13 @@ def test_no_request_lost_when_an_instance_is_killed(host, gw, plans):
     host.check_output(
         "rm -f /tmp/kill.*; for c in 1 2; do (for i in $(seq 40); do curl -s -o /dev/null -w '%{http_code}\\n' --max-time 60 "
         f"-H 'Content-Type: application/json' -H 'Authorization: Bearer {gw.key}' --data-binary '{body}' "
-        "http://127.0.0.1/v1/chat/completions; done > /tmp/kill.$c) & done; sleep 3"
+        "http://127.0.0.1/v1/chat/completions; done > /tmp/kill.$c; touch /tmp/kill.$c.done) >/dev/null 2>&1 & done; sleep 3"
     )
     running = server.check_output(
         "curl -s " + inst["health_url"].removesuffix("/health") + "/metrics | grep '^vllm:num_requests_running' || true"
     )
     server.check_output(f"kill -9 {before['MainPID']}")
-    host.check_output("while pgrep -x curl >/dev/null; do sleep 1; done")
+    host.check_output("until [ -e /tmp/kill.1.done ] && [ -e /tmp/kill.2.done ]; do sleep 1; done")
     codes = host.check_output("cat /tmp/kill.1 /tmp/kill.2").split()
     lost = len(codes) - codes.count("200")
     print(f"kill -9 of {h}/{inst['name']} ({running.strip()}): {lost} of {len(codes)} requests lost")

@@ -17,7 +17,8 @@ from conftest import GATEWAY_HOSTS, SERVING_HOSTS, chat, host_named, playbook, r
 testinfra_hosts = GATEWAY_HOSTS
 
 # Two clients, each a loop of requests through the gateway over every model in turn, until told
-# to stop; one "<start time> <model> <status>" line per request.
+# to stop; one "<start time> <model> <status>" line per request. Paced (two requests a second in
+# all): faster, they take both cores of the test machine and a restart starves for minutes.
 LOAD = """
 for client in 1 2; do
   ( while [ ! -e /tmp/load.stop ]; do
@@ -27,8 +28,8 @@ for client in 1 2; do
         code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 -H 'Content-Type: application/json' \\
           -H 'Authorization: Bearer {key}' --data-binary "$body" http://127.0.0.1/v1/chat/completions)
         echo "$start $model $code"
+        sleep 1
       done
-      sleep 0.05
     done > /tmp/load.$client ) &
 done
 wait
@@ -58,6 +59,7 @@ class Load:
 
     def __init__(self, host):
         self.host = host
+        self.requests: list[tuple[float, str, str]] | None = None
         key = host.ansible.get_variables()["vllm_api_key"]
         script = base64.b64encode(LOAD.format(models=" ".join(models()), key=key).encode()).decode()
         host.check_output(f"rm -f /tmp/load.stop /tmp/load.1 /tmp/load.2; echo {script} | base64 -d > /tmp/load.sh")
@@ -67,9 +69,11 @@ class Load:
 
     def stop(self) -> list[tuple[float, str, str]]:
         """(start time, model, status) of every request; in-flight ones are let finish."""
-        self.host.run("touch /tmp/load.stop; for i in $(seq 70); do pgrep -f /tmp/load.sh >/dev/null || break; sleep 1; done")
-        lines = self.host.check_output("cat /tmp/load.1 /tmp/load.2").splitlines()
-        return [(float(t), m, c) for t, m, c in (line.split() for line in lines)]
+        if self.requests is None:
+            self.host.run("touch /tmp/load.stop; for i in $(seq 70); do pgrep -f /tmp/load.sh >/dev/null || break; sleep 1; done")
+            lines = self.host.check_output("cat /tmp/load.1 /tmp/load.2").splitlines()
+            self.requests = [(float(t), m, c) for t, m, c in (line.split() for line in lines)]
+        return self.requests
 
     def upstream_errors(self) -> list[str]:
         """Lines the gateway logged since the load began about a client request it could not
@@ -126,8 +130,11 @@ def test_preflight_refuses_a_missing_model_path_before_any_change():
 
 def test_a_setting_changed_through_site_yml_reaches_every_instance_without_a_lost_request(host):
     load = Load(host)
-    result = playbook("site.yml", "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "2"}}))
-    ended = time.time()
+    try:
+        result = playbook("site.yml", "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "2"}}))
+        ended = time.time()
+    finally:
+        load.stop()
     assert result.returncode == 0, result.stdout[-4000:]
     judge(load, ended, "site.yml with a changed setting")
     marks = instance_env("ROLLOUT_MARK")
@@ -155,8 +162,11 @@ def test_a_broken_update_stops_at_the_first_batch_and_the_old_version_serves_aga
     before = state()
     pids = main_pids()
     load = Load(host)
-    result = playbook("playbooks/rolling-update.yml", "-i", str(broken), "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "3"}}))
-    ended = time.time()
+    try:
+        result = playbook("playbooks/rolling-update.yml", "-i", str(broken), "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "3"}}))
+        ended = time.time()
+    finally:
+        load.stop()
     assert result.returncode != 0, "the broken update reported success"
     assert "Rolled back: the previous config is restored and serving again (/health answers 200)." in said(result)
     assert "max_model_len" in said(result), "the failure does not show vLLM's reason"
