@@ -38,6 +38,10 @@ ensure_venv() {
     echo "$want" >"$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
+  # molecule/shared/create.yml hands over to the Docker driver's own create playbook.
+  VLLM_ANSIBLE_MOLECULE_DOCKER=$("$VENV/bin/python" -c \
+    'import molecule_plugins.docker as d, os; print(os.path.join(os.path.dirname(d.__file__), "playbooks"))')
+  export VLLM_ANSIBLE_MOLECULE_DOCKER
 }
 
 # A Docker engine. PID 1 here is not systemd, so start dockerd ourselves when none answers.
@@ -93,10 +97,10 @@ ensure_wheelhouse() {
     -e "vllm_wheelhouse_python_version=$TEST_PYTHON_VERSION" -e vllm_extra_index_url=)
 }
 
-# A random-weight Llama small enough for a CPU, with a tokenizer trained here.
 # The njs engine nginx runs the gateway's router with, for its unit tests.
 ensure_njs() { apt_install njs; }
 
+# A random-weight Llama small enough for a CPU, with a tokenizer trained here.
 ensure_model() {
   [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0
   log "model: writing the tiny test model into $VLLM_ANSIBLE_MODEL"
