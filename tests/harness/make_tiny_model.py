@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a tiny random-weight Llama that the CPU build of vLLM serves, with no hub and no torch.
 
-The shapes follow ../shared/NOTES.md: hidden 128, 4 heads of 32 (vLLM's CPU attention rejects
+The shapes were measured to work with vLLM's CPU build: hidden 128, 4 heads of 32 (vLLM's CPU attention rejects
 head_dim 16), 2 KV heads, 2 layers, a 512-token byte-level BPE tokenizer trained here, and a
 chat template, so /v1/chat/completions works. Weights are seeded: the same bytes every time.
 """
