@@ -93,6 +93,19 @@ def fraction() -> tuple[Rule, str]:
     return (lambda v: None if 0 < v <= 1 else "is out of range"), "a number greater than 0 and at most 1"
 
 
+_DOMAIN = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# A size as Docker reads it (--shm-size): a number, an optional unit, an optional i and b.
+_DOCKER_SIZE = r"([0-9]+(?:\.[0-9]+)?) ?([kKmMgGtTpP])?[iI]?[bB]?"
+MIN_CONTAINER_SHM_MIB = 64
+
+
+def docker_size_mib(value: str) -> float:
+    """MiB in a size Docker accepts (units are powers of 1024, as Docker reads --shm-size)."""
+    number, unit = re.fullmatch(_DOCKER_SIZE, value).groups()
+    return float(number) * 1024 ** "bkmgtp".index((unit or "b").lower()) / 1024**2
+
+
 def regex(pattern: str, accepted: str) -> tuple[Rule, str]:
     compiled = re.compile(pattern)
     return (lambda v: None if compiled.fullmatch(v) else "has the wrong form"), accepted
@@ -191,6 +204,14 @@ RULES: dict[str, tuple[Rule, str]] = {
     "vllm_models_dir": absolute_path(),
     "vllm_cache_dir": absolute_path(),
     "vllm_wheelhouse_python_version": regex(r"3\.\d+", 'a Python version such as "3.11", quoted'),
+    # Docker's reference grammar, with a tag or a digest: a bare name means :latest, which moves.
+    "vllm_image": regex(
+        rf"(?:{_DOMAIN}(?:\.{_DOMAIN})*(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+        r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}(?:@sha256:[0-9a-f]{64})?|@sha256:[0-9a-f]{64})",
+        "an image reference with a tag or a digest, such as vllm/vllm-openai:v0.32.0 or vllm/vllm-openai@sha256:<64 hex digits>",
+    ),
+    "vllm_container_shm": regex(rf"host|{_DOCKER_SIZE}", 'host, or a size such as "16g" (at least 64m)'),
+    "vllm_image_archive": regex(r"|/.*[^/]", 'an absolute path of a file on the controller, or "" to pull'),
     "vllm_rollout_batch": count_or_percent(),
     "vllm_rollout_serial": count_or_percent(),
     "vllm_models[].replicas": whole(1, 1024),
@@ -430,6 +451,56 @@ def cross_errors(settings: Mapping[str, Any], host: str, gateways: list[str]) ->
             f"host {host}: vllm_listen_address: {shown(address)} is reachable from {host} only, but the gateway "
             f"{others[0]} is another host; accepted: leave it unset (the host's address, firewalled) or an address {others[0]} reaches"
         )
+    if settings.get("vllm_runtime") == "docker":
+        out += container_errors(settings, host)
+        if not settings.get("hosts_docker_engine"):
+            out.append(
+                f"host {host}: hosts_docker_engine: false, but vllm_runtime: 'docker' needs the Docker engine; "
+                "accepted: leave hosts_docker_engine unset or true (playbooks/hosts.yml installs it), or vllm_runtime: venv"
+            )
+        models = settings.get("vllm_models")
+        for i, model in enumerate(models if isinstance(models, list) else []):
+            if isinstance(model, dict) and str(model.get("source", "")).startswith("modelscope:"):
+                out.append(
+                    f"host {host}: vllm_models[{i}].source: {shown(model['source'])}: the docker runtime downloads with the "
+                    "image's Hugging Face client only; accepted: an hf: or host path source, or vllm_runtime: venv"
+                )
+    return out
+
+
+def int_over_1(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
+def container_errors(settings: Mapping[str, Any], host: str) -> list[str]:
+    """What the docker runtime's settings would break at load or start (their forms are checked
+    by RULES first; a value of the wrong form is left to that message)."""
+    out = []
+    image, archive = str(settings.get("vllm_image", "")), settings.get("vllm_image_archive") or ""
+    shm = str(settings.get("vllm_container_shm", "host"))
+    if archive and "@" in image:
+        out.append(
+            f"host {host}: vllm_image: {shown(image)} names a digest, but `docker load` from vllm_image_archive keeps tags, not "
+            "digests; accepted: the tag the archive holds (playbooks/image.yml saves vllm_image as named), or no archive"
+        )
+    if settings.get("vllm_device") == "cpu" and re.match(r"(docker\.io/)?vllm/vllm-openai[:@]", image):
+        out.append(
+            f"host {host}: vllm_image: {shown(image)} is vLLM's CUDA image, but vllm_device is cpu; "
+            "accepted: an image of vLLM's CPU build, or vllm_device: cuda"
+        )
+    if shm != "host" and re.fullmatch(_DOCKER_SIZE, shm):
+        mib = docker_size_mib(shm)
+        models = settings.get("vllm_models")
+        models = models if isinstance(models, list) else []
+        tp = [m.get("name") for m in models if isinstance(m, dict) and int_over_1(m.get("tensor_parallel_size"))]
+        least, why = (MIN_CONTAINER_SHM_MIB, "a container needs")
+        if tp:
+            least, why = settings.get("min_tp_shm_mib", 1024), f"tensor-parallel model {tp[0]} needs"
+        if mib < least:
+            out.append(
+                f"host {host}: vllm_container_shm: {shown(shm)} is {mib:g} MiB, but {why} at least {least} MiB of shared memory; "
+                f'accepted: host, or a size such as "16g"'
+            )
     return out
 
 

@@ -603,6 +603,92 @@ def environment_value(value: Any) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# The docker runtime: the key file is mounted here and read by the entrypoint below, so the key is
+# in no command line (the container's, the docker client's, `ps` on the host) and in no
+# `docker inspect` output. The rest of the environment is passed by name from the wrapper
+# unit's own environment (`--env NAME`), so no value shows in a command line either.
+CONTAINER_SECRET = "/run/secrets/vllm-api-key"
+CONTAINER_ENTRYPOINT = f'VLLM_API_KEY="$(cat {CONTAINER_SECRET})" && export VLLM_API_KEY && exec "$@"'
+# Inside its container an instance sees only its GPUs, numbered from 0: the host's indices in
+# CUDA_VISIBLE_DEVICES would name GPUs it does not have.
+HOST_ONLY_ENV = {"CUDA_VISIBLE_DEVICES"}
+
+
+def container_env_names(instance: dict[str, Any], service_env: dict[str, Any]) -> list[str]:
+    """The variables a container gets from its wrapper unit: the service's, then the instance's.
+    Passed by name, so no value is in a command line; `docker inspect` (root only, through the
+    engine's socket) shows the values, which is why the key is not among them."""
+    return sorted(set(service_env) | {k for k in instance["env"] if k not in HOST_ONLY_ENV})
+
+
+def container_argv(
+    instance: dict[str, Any],
+    *,
+    image: str,
+    uid: Any,
+    gid: Any,
+    service_env: dict[str, Any],
+    key_file: str,
+    writable: list[str],
+    shm: str = "host",
+    start_timeout: int = 1800,
+    docker: str = "/usr/bin/docker",
+    python: str = "python3",
+) -> list[str]:
+    """`docker run` for one instance, run in the foreground by its systemd unit (which owns
+    restarts, the health gate and logs). Host networking keeps every socket where the venv
+    runtime has it (the API on the instance's address, vLLM's internal ones on loopback) and under
+    the same nftables rules; published ports would bypass them. The model directory is mounted
+    read-only at the same path, so the command line is the venv runtime's, unchanged."""
+    argv = [docker, "run", "--rm", "--name", f"vllm-{instance['name']}", "--pull=never", "--network", "host"]
+    argv += ["--user", f"{uid}:{gid}", "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=1g"]
+    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    argv += ["--ipc", "host"] if shm == "host" else ["--shm-size", str(shm)]
+    argv += ["--log-driver", "json-file", "--log-opt", "max-size=50m", "--log-opt", "max-file=3"]
+    # No --ulimit: a container inherits the engine's limits (docker.service: as many open files
+    # as the kernel allows; daemon.json "default-ulimits" to change), and an engine without
+    # CAP_SYS_RESOURCE (Docker in Docker) cannot raise them per container.
+    argv += ["--stop-timeout", "80"]
+    probe = f"import urllib.request as u; u.urlopen('{instance['health_url']}', timeout=5)"
+    argv += ["--health-cmd", f'{python} -c "{probe}"', "--health-interval", "30s", "--health-timeout", "10s"]
+    argv += ["--health-start-period", f"{int(start_timeout)}s"]
+    if instance["gpus"]:
+        argv += ["--gpus", '"device=' + ",".join(str(g) for g in instance["gpus"]) + '"']
+    if instance.get("cpus"):
+        argv += ["--cpuset-cpus", instance["cpus"], "--cpuset-mems", str(instance["numa_node"])]
+    for name in container_env_names(instance, service_env):
+        argv += ["--env", name]
+    argv += ["--volume", f"{instance['model_path']}:{instance['model_path']}:ro"]
+    argv += [arg for path in writable for arg in ("--volume", f"{path}:{path}:rw")]
+    argv += ["--volume", f"{key_file}:{CONTAINER_SECRET}:ro"]
+    argv += ["--entrypoint", "/bin/sh", image, "-c", CONTAINER_ENTRYPOINT, "vllm"]
+    return [*argv, python, "-m", "vllm.entrypoints.openai.api_server", *instance["args"]]
+
+
+def archive_image_id(manifest: str, image: str, strict: bool = True) -> str:
+    """The image id (`sha256:<config digest>`, what `docker image inspect` reports) of `image` in a
+    `docker save` archive's manifest.json. The archive must name it: an archive left over from
+    another version is refused, not loaded under a name it does not hold. Not `strict` (the
+    playbook that writes the archive): "" for an archive that does not hold it."""
+    if not strict:
+        try:
+            return archive_image_id(manifest, image)
+        except AnsibleFilterError:
+            return ""
+    try:
+        entries = json.loads(manifest)
+    except ValueError as exc:
+        raise AnsibleFilterError(f"vllm_image_archive: manifest.json is not JSON ({exc})") from exc
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "Config" in e for e in entries):
+        raise AnsibleFilterError("vllm_image_archive: manifest.json is not a docker save manifest")
+    named = [e for e in entries if image in (e.get("RepoTags") or [])]
+    if len(named) != 1:
+        tags = sorted(t for e in entries for t in e.get("RepoTags") or [])
+        raise AnsibleFilterError(f"vllm_image_archive holds no image named {image!r} (it holds {tags})")
+    digest = posixpath.basename(named[0]["Config"]).removesuffix(".json")
+    return f"sha256:{digest}"
+
+
 # vLLM prefixes every line of a traceback with its log header; the reason is the exception line.
 LOG_PREFIX_RE = re.compile(r"^(\(\w+ pid=\d+\) )?((ERROR|WARNING|INFO|DEBUG)( \d\d-\d\d [\d:]+)? \[[^\]]+\] ?)?")
 REASON_RE = re.compile(r"^\s*[\w.]*(Error|Exception)\b: \S")
@@ -698,15 +784,16 @@ def gateway_models(servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(by_model.values(), key=lambda e: e["name"])
 
 
-def instance_changes(
-    instances: list[dict[str, Any]], active: list[str], dropin_changed: list[bool], env_changed: list[bool]
-) -> list[dict[str, Any]]:
+def instance_changes(instances: list[dict[str, Any]], active: list[str], *changed: list[bool]) -> list[dict[str, Any]]:
     """Each planned instance as {name, model, state}: `new` when it does not serve (never
-    started, stopped, failed, or starting), `changed` when it serves but its command line or
-    environment (which records the unit's version too) would change, else `same`."""
+    started, stopped, failed, or starting), `changed` when it serves but one of its files would
+    change (`changed`: one list per file kind, in plan order: drop-in, environment, and the key
+    file of a container; an empty list when that kind is not used), else `same`."""
+    kinds = [list(kind) for kind in changed]
     out = []
-    for inst, state, dropin, env in zip(instances, active, dropin_changed, env_changed, strict=True):
-        kind = "new" if state.strip() != "active" else "changed" if dropin or env else "same"
+    for i, (inst, state) in enumerate(zip(instances, active, strict=True)):
+        touched = any(kind[i] for kind in kinds if kind)
+        kind = "new" if state.strip() != "active" else "changed" if touched else "same"
         out.append({"name": inst["name"], "model": inst["model"], "state": kind})
     return out
 
@@ -829,6 +916,9 @@ class FilterModule:
             "vllm_check_heads": check_heads,
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
+            "vllm_container_argv": container_argv,
+            "vllm_archive_image_id": archive_image_id,
+            "vllm_container_env_names": container_env_names,
             "vllm_environment_value": environment_value,
             "vllm_journal_summary": journal_summary,
             "vllm_gateway_models": gateway_models,

@@ -39,7 +39,11 @@ def server_refusals(case: dict[str, Any], host: str, model: str, gateways: list[
     if errors:
         return errors, None
     listen = hv.get("vllm_listen_address", "10.0.0.9" if gateways else "127.0.0.1")
-    errors = cross_errors({"vllm_listen_address": listen}, host, gateways)
+    runtime = hv.get("vllm_runtime", "venv")
+    settings = {"vllm_listen_address": listen, "vllm_runtime": runtime, "vllm_models": hv["vllm_models"], "min_tp_shm_mib": 1024}
+    settings |= {"vllm_device": hv.get("vllm_device", "cuda"), "vllm_image": hv.get("vllm_image", "vllm/vllm-openai:v0.32.0")}
+    settings |= {"vllm_image_archive": hv.get("vllm_image_archive", ""), "vllm_container_shm": hv.get("vllm_container_shm", "host")}
+    errors = cross_errors({**settings, "hosts_docker_engine": hv.get("hosts_docker_engine", runtime == "docker")}, host, gateways)
     planned = plan_report(
         hv["vllm_models"],
         host,

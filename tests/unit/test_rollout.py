@@ -79,6 +79,13 @@ def test_instances_are_new_when_they_do_not_serve_whatever_their_config():
     assert [c["state"] for c in got] == ["same", "new", "new", "changed"]
 
 
+def test_a_changed_key_file_restarts_a_container_and_an_unchecked_kind_counts_for_nothing():
+    plan = [{"name": n, "model": "m"} for n in ("m-0", "m-1")]
+    got = instance_changes(plan, ["active", "active"], [False, False], [False, False], [False, True])
+    assert [c["state"] for c in got] == ["same", "changed"]
+    assert [c["state"] for c in instance_changes(plan, ["active", "active"], [False, False], [False, False], [])] == ["same", "same"]
+
+
 def test_a_dropped_instance_keeps_its_port_covered_until_it_is_gone():
     plan = [{"name": "chat-0", "port": 8000}]
     last = base64.b64encode(json.dumps([{"name": "chat-0", "port": 8000}, {"name": "chat-1", "port": 8001}]).encode()).decode()
