@@ -128,17 +128,35 @@ def test_preflight_refuses_a_missing_model_path_before_any_change():
     assert main_pids() == pids
 
 
-def test_a_setting_changed_through_site_yml_reaches_every_instance_without_a_lost_request(host):
+def test_a_setting_changed_through_site_yml_reaches_its_instances_without_a_lost_request(host, tmp_path):
+    """One model's setting changes on every host (its instances restart, batch by batch, under
+    load over every model); the other model's instances are left running as they were."""
+    changed = models()[-1]
+
+    def mark(model: dict) -> dict:
+        return {**model, "env": {**model.get("env", {}), "ROLLOUT_MARK": "2"}} if model["name"] == changed else model
+
+    overlay = {name: {"vllm_models": [mark(m) for m in host_named(name).ansible.get_variables()["vllm_models"]]} for name in SERVING_HOSTS}
+    inventory = tmp_path / "changed.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": overlay}}))
+    pids = main_pids()
     load = Load(host)
     try:
-        result = playbook("site.yml", "-e", json.dumps({"vllm_env": {"ROLLOUT_MARK": "2"}}))
+        result = playbook("site.yml", "-i", str(inventory))
         ended = time.time()
     finally:
         load.stop()
     assert result.returncode == 0, result.stdout[-4000:]
     judge(load, ended, "site.yml with a changed setting")
+    after = main_pids()
     marks = instance_env("ROLLOUT_MARK")
-    assert all(v == ["ROLLOUT_MARK=2"] for v in marks.values()), marks
+    for name in SERVING_HOSTS:
+        for inst in plan_of(name):
+            key = f"{name}/{inst['name']}"
+            if inst["model"] == changed:
+                assert marks[key] == ["ROLLOUT_MARK=2"] and after[key] != pids[key], key
+            else:
+                assert marks[key] == [] and after[key] == pids[key], f"{key} was restarted, its config did not change"
     batches = result.stdout.count("rollout_batch.yml for ")
     assert batches >= 2, "the instances did not change batch by batch"
 
