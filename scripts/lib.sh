@@ -107,11 +107,35 @@ ensure_model() {
   python "$REPO_ROOT/tests/harness/make_tiny_model.py" "$VLLM_ANSIBLE_MODEL"
 }
 
+# The stand-in for vllm/vllm-openai that the docker runtime's scenario loads from an archive, as an
+# air-gapped site would: built from the test hosts' image and the wheelhouse, saved by the
+# bundle's own playbooks/image.yml. Rebuilt only when its recipe changes.
+ensure_vllm_image() {
+  local recipe
+  recipe=$(printf '%s\n' "$VLLM_ANSIBLE_IMAGE" "$TEST_VLLM_VERSION" "$(cat "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile")" |
+    sha256sum | cut -c1-12)
+  export VLLM_ANSIBLE_VLLM_IMAGE=vllm-cpu-test:$recipe
+  export VLLM_ANSIBLE_VLLM_ARCHIVE=$CACHE_DIR/images/vllm-cpu-test-$recipe.tar
+  [ -f "$VLLM_ANSIBLE_VLLM_ARCHIVE" ] && return 0
+  if ! docker image inspect "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null 2>&1; then
+    log "vllm image: building $VLLM_ANSIBLE_VLLM_IMAGE from the wheelhouse (a few minutes)"
+    docker build -q -t "$VLLM_ANSIBLE_VLLM_IMAGE" -f "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile" \
+      --build-arg "BASE=$VLLM_ANSIBLE_IMAGE" --build-arg "VLLM_VERSION=$TEST_VLLM_VERSION" "$VLLM_ANSIBLE_WHEELHOUSE" >/dev/null
+  fi
+  # Earlier recipes' images and archives (about 4 GB each) go.
+  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" | xargs -r docker image rm >/dev/null
+  mkdir -p "$CACHE_DIR/images"
+  rm -f "$CACHE_DIR"/images/vllm-cpu-test-*.tar
+  (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
+    -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE" >/dev/null)
+}
+
 ensure_all() {
   ensure_njs
   ensure_venv
   ensure_docker
   ensure_image
   ensure_wheelhouse
+  ensure_vllm_image
   ensure_model
 }

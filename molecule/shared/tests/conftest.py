@@ -51,6 +51,10 @@ def env_file(instance: dict) -> str:
     return f"/etc/vllm/instances/{instance['name']}.env"
 
 
+def key_file(instance: dict) -> str:
+    return f"/etc/vllm/instances/{instance['name']}.key"
+
+
 def request(host, instance: dict, path: str, body: dict | None = None, *, key: bool = True, stream: bool = False):
     """Send one HTTP request to an instance from its host; return (status, body text)."""
     url = instance["health_url"].removesuffix("/health") + path
@@ -62,7 +66,11 @@ def request(host, instance: dict, path: str, body: dict | None = None, *, key: b
     script = " ".join(shlex.quote(part) for part in cmd)
     if key:
         # Read the key where the service reads it; only the shell on the host ever sees it.
-        script = f'KEY=$(sed -n \'s/^VLLM_API_KEY="\\(.*\\)"$/\\1/p\' {env_file(instance)}); {script} -H "Authorization: Bearer $KEY"'
+        # A container's key is in its own file (docker runtime).
+        script = (
+            f"KEY=$(cat {key_file(instance)} 2>/dev/null || sed -n 's/^VLLM_API_KEY=\"\\(.*\\)\"$/\\1/p' {env_file(instance)}); "
+            f'{script} -H "Authorization: Bearer $KEY"'
+        )
     result = host.run(f"{script} {shlex.quote(url)}")
     assert result.rc == 0, f"curl failed: {result.stderr}"
     return int(result.stdout.strip()), result.stderr

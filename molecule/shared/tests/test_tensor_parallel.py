@@ -1,5 +1,6 @@
 """A tensor-parallel instance really runs its ranks: one worker process per rank, in the
-instance's own unit, and the instance answers completions."""
+instance's own unit (venv runtime) or its own container (docker runtime), and the instance
+answers completions."""
 
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ def workers(host) -> dict[int, str]:
 
 def test_one_worker_per_rank_inside_the_instance_unit(host, tp_instances):
     procs = workers(host)
+    docker = host.ansible.get_variables().get("vllm_runtime") == "docker"
     for inst in tp_instances:
+        # The control group that holds the instance: its unit's, or its container's (by id).
         unit = f"vllm@{inst['name']}.service"
+        group = host.check_output(f"docker inspect --format '{{{{.Id}}}}' vllm-{inst['name']}") if docker else unit
         ranks = sorted(
             int(re.match(r"VLLM::Worker_TP(\d+)", title).group(1))
             for pid, title in procs.items()
-            if unit in host.file(f"/proc/{pid}/cgroup").content_string
+            if group in host.file(f"/proc/{pid}/cgroup").content_string
         )
-        print(f"{unit}: worker ranks {ranks}")
+        print(f"{unit}: worker ranks {ranks} in {group}")
         assert ranks == list(range(inst["tensor_parallel_size"])), procs
 
 

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import SERVING_HOSTS, chat, env_file, instances_of, request
+from conftest import SERVING_HOSTS, chat, env_file, instances_of, key_file, request
 
 testinfra_hosts = SERVING_HOSTS
 
@@ -142,11 +142,15 @@ def test_key_not_in_journal(host, api_key):
     assert host.run(search + _split(api_key)).stdout.strip() == "0", "the API key was logged"
 
 
-def test_environment_file_mode_and_owner(host, instances, api_key):
+def test_the_key_is_in_one_file_readable_by_root_and_the_service_group(host, instances):
+    """The environment file (venv runtime) or, for a container, the key file it mounts."""
+    docker = host.ansible.get_variables().get("vllm_runtime") == "docker"
     for inst in instances:
-        f = host.file(env_file(inst))
-        assert (f.user, f.group, f.mode) == ("root", "vllm", 0o640)
-        assert f.contains("^VLLM_API_KEY=")
+        env, key = host.file(env_file(inst)), host.file(key_file(inst))
+        for f in (env, key) if docker else (env,):
+            assert (f.user, f.group, f.mode) == ("root", "vllm", 0o640), f.path
+        assert env.contains("^VLLM_API_KEY=") != docker
+        assert key.exists == docker
 
 
 def test_systemd_security_score_at_most_4(host, instances):
