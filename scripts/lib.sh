@@ -116,18 +116,35 @@ ensure_vllm_image() {
     sha256sum | cut -c1-12)
   export VLLM_ANSIBLE_VLLM_IMAGE=vllm-cpu-test:$recipe
   export VLLM_ANSIBLE_VLLM_ARCHIVE=$CACHE_DIR/images/vllm-cpu-test-$recipe.tar
+  # Earlier recipes' images and archives (about 4 GB each) go.
+  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" | xargs -r docker image rm >/dev/null
+  find "$CACHE_DIR/images" -name 'vllm-cpu-test-*.tar' ! -path "$VLLM_ANSIBLE_VLLM_ARCHIVE" -delete 2>/dev/null || true
   [ -f "$VLLM_ANSIBLE_VLLM_ARCHIVE" ] && return 0
   if ! docker image inspect "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null 2>&1; then
     log "vllm image: building $VLLM_ANSIBLE_VLLM_IMAGE from the wheelhouse (a few minutes)"
     docker build -q -t "$VLLM_ANSIBLE_VLLM_IMAGE" -f "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile" \
       --build-arg "BASE=$VLLM_ANSIBLE_IMAGE" --build-arg "VLLM_VERSION=$TEST_VLLM_VERSION" "$VLLM_ANSIBLE_WHEELHOUSE" >/dev/null
   fi
-  # Earlier recipes' images and archives (about 4 GB each) go.
-  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" | xargs -r docker image rm >/dev/null
   mkdir -p "$CACHE_DIR/images"
-  rm -f "$CACHE_DIR"/images/vllm-cpu-test-*.tar
   (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
     -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE" >/dev/null)
+  # The scenario loads the archive inside its own host's engine: this engine's copy is 4 GB of
+  # disk nothing reads.
+  docker image rm "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null
+}
+
+# A scenario's hosts hold a virtualenv each (about 5 GB) or a loaded vLLM image beside the archive
+# pushed to load it (about 9 GB): refuse to start one that would stop halfway on a full disk.
+SCENARIO_DISK_GB=12
+ensure_disk() {
+  local root free
+  root=$(docker info --format '{{.DockerRootDir}}')
+  free=$(df -P -BG "$root" | awk 'NR == 2 {print int($4)}')
+  [ "$free" -ge "$SCENARIO_DISK_GB" ] && return 0
+  echo "only ${free} GB free on the disk of $root (Docker's data); a scenario needs about ${SCENARIO_DISK_GB} GB." >&2
+  echo "What Docker holds (docker system df):" >&2
+  docker system df >&2
+  return 1
 }
 
 ensure_all() {
