@@ -608,6 +608,9 @@ def environment_value(value: Any) -> str:
 # `docker inspect` output. The rest of the environment is passed by name from the wrapper
 # unit's own environment (`--env NAME`), so no value shows in a command line either.
 CONTAINER_SECRET = "/run/secrets/vllm-api-key"
+# Every container the role runs: no capabilities, no privilege gain, and only an image the host
+# already holds (a pull would reach a registry mid-rollout).
+CONTAINER_CONFINEMENT = ["--pull=never", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
 CONTAINER_ENTRYPOINT = f'VLLM_API_KEY="$(cat {CONTAINER_SECRET})" && export VLLM_API_KEY && exec "$@"'
 # Inside its container an instance sees only its GPUs, numbered from 0: the host's indices in
 # CUDA_VISIBLE_DEVICES would name GPUs it does not have.
@@ -640,9 +643,8 @@ def container_argv(
     runtime has it (the API on the instance's address, vLLM's internal ones on loopback) and under
     the same nftables rules; published ports would bypass them. The model directory is mounted
     read-only at the same path, so the command line is the venv runtime's, unchanged."""
-    argv = [docker, "run", "--rm", "--name", f"vllm-{instance['name']}", "--pull=never", "--network", "host"]
+    argv = [docker, "run", "--rm", "--name", f"vllm-{instance['name']}", *CONTAINER_CONFINEMENT, "--network", "host"]
     argv += ["--user", f"{uid}:{gid}", "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=1g"]
-    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
     argv += ["--ipc", "host"] if shm == "host" else ["--shm-size", str(shm)]
     argv += ["--log-driver", "json-file", "--log-opt", "max-size=50m", "--log-opt", "max-file=3"]
     # No --ulimit: a container inherits the engine's limits (docker.service: as many open files
@@ -663,6 +665,14 @@ def container_argv(
     argv += ["--volume", f"{key_file}:{CONTAINER_SECRET}:ro"]
     argv += ["--entrypoint", "/bin/sh", image, "-c", CONTAINER_ENTRYPOINT, "vllm"]
     return [*argv, python, "-m", "vllm.entrypoints.openai.api_server", *instance["args"]]
+
+
+def hf_container_argv(image: str, models_dir: str, docker: str = "docker") -> list[str]:
+    """The image's own `hf` client in a throwaway container, confined like an instance, writing
+    into the models directory only (a docker host has no virtualenv to run it from)."""
+    argv = [docker, "run", "--rm", *CONTAINER_CONFINEMENT, "--network", "host"]
+    argv += [arg for name in ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY") for arg in ("--env", name)]
+    return [*argv, "--volume", f"{models_dir}:{models_dir}:rw", "--entrypoint", "hf", image]
 
 
 def archive_image_id(manifest: str, image: str, strict: bool = True) -> str:
@@ -917,6 +927,7 @@ class FilterModule:
             "vllm_model_sources": model_sources,
             "vllm_systemd_command_line": systemd_command_line,
             "vllm_container_argv": container_argv,
+            "vllm_hf_container_argv": hf_container_argv,
             "vllm_archive_image_id": archive_image_id,
             "vllm_container_env_names": container_env_names,
             "vllm_environment_value": environment_value,

@@ -7,7 +7,15 @@ import re
 import subprocess
 
 import pytest
-from vllm import CONTAINER_SECRET, AnsibleFilterError, archive_image_id, container_argv, plan_instances, systemd_command_line
+from vllm import (
+    CONTAINER_SECRET,
+    AnsibleFilterError,
+    archive_image_id,
+    container_argv,
+    hf_container_argv,
+    plan_instances,
+    systemd_command_line,
+)
 
 KEY = "sk-never-in-a-command-line-1234"
 SERVICE_ENV = {"HOME": "/var/lib/vllm", "HF_HUB_OFFLINE": "1"}
@@ -95,6 +103,18 @@ def test_hardening_and_the_model_read_only_at_the_same_path():
     server = argv.index("vllm.entrypoints.openai.api_server")
     assert argv[server + 1 :] == instance["args"] and "--host" in instance["args"]
     assert "http://10.0.0.5:" in option_values(argv, "--health-cmd")[0]
+
+
+def test_the_download_container_is_confined_like_an_instance_and_writes_the_models_only():
+    argv = hf_container_argv("vllm/vllm-openai:v0.32.0", "/var/lib/vllm/models")
+    instance = argv_for(plan_instances([{"name": "m", "source": "/data/models/m"}], "h")[0])
+    for option in ("--cap-drop", "--security-opt", "--network"):
+        assert option_values(argv, option) == option_values(instance, option), option
+    assert "--rm" in argv and "--pull=never" in argv
+    assert option_values(argv, "--volume") == ["/var/lib/vllm/models:/var/lib/vllm/models:rw"]
+    # The token goes by name: its value is in the environment docker run is given, never here.
+    assert option_values(argv, "--env") == ["HF_TOKEN", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY"]
+    assert argv[-3:] == ["--entrypoint", "hf", "vllm/vllm-openai:v0.32.0"]
 
 
 def test_the_unit_line_reaches_the_shell_entrypoint_intact():
