@@ -117,7 +117,8 @@ ensure_vllm_image() {
   export VLLM_ANSIBLE_VLLM_IMAGE=vllm-cpu-test:$recipe
   export VLLM_ANSIBLE_VLLM_ARCHIVE=$CACHE_DIR/images/vllm-cpu-test-$recipe.tar
   # Earlier recipes' images and archives (about 4 GB each) go.
-  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" | xargs -r docker image rm >/dev/null
+  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | { grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" || true; } |
+    xargs -r docker image rm >/dev/null
   find "$CACHE_DIR/images" -name 'vllm-cpu-test-*.tar' ! -path "$VLLM_ANSIBLE_VLLM_ARCHIVE" -delete 2>/dev/null || true
   [ -f "$VLLM_ANSIBLE_VLLM_ARCHIVE" ] && return 0
   if ! docker image inspect "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null 2>&1; then
