@@ -49,6 +49,8 @@ HOSTS_SPEC: dict[str, Any] = {
     "hosts_nvidia_container_toolkit": {"type": "bool"},
     "hosts_serial": {"type": "raw"},
 }
+# playbooks/handoff.yml's setting (a play on the controller).
+HANDOFF_SPEC: dict[str, Any] = {"handoff_file": {"type": "path"}}
 TYPE_WORDS = {
     "int": "a whole number",
     "float": "a number",
@@ -401,9 +403,10 @@ def settings_errors(hostvars: Mapping[str, Any], host: str, roles_dir: str, requ
     """
     specs = {role: role_options(roles_dir, role) for role in ROLES}
     specs["hosts"] = HOSTS_SPEC
+    specs["handoff"] = HANDOFF_SPEC
     problems: list[tuple[str, str]] = []
     for name in sorted(k for k in hostvars.keys() if isinstance(k, str)):
-        prefix = next((p for p in (*ROLES, "hosts") if name.startswith(p + "_")), None)
+        prefix = next((p for p in (*ROLES, "hosts", "handoff") if name.startswith(p + "_")), None)
         if prefix is None or name in ROLE_FACTS:
             continue
         known = specs[prefix]
