@@ -22,6 +22,7 @@ from conftest import (
     host_named,
     playbook,
     recap,
+    said,
     sequential_codes,
     successes,
     unit_state,
@@ -317,9 +318,10 @@ def test_stream_arrives_as_it_is_generated(host, gw, plans):
     assert via_gateway["first"] <= direct["first"] + 0.5 * direct["total"], "the first piece arrived late"
 
 
-def test_health_tells_the_truth_as_instances_stop_and_start(host, gw, plans):
-    """Primaries down: the fallback serves and /health says so; every instance down: 503 names
-    the models. Then the operator's own command starts them again, all at once."""
+def test_health_tells_the_truth_as_instances_stop_and_start(host, gw, plans, tmp_path):
+    """Primaries down: the fallback serves and /health says so, and the operator's health command
+    fails naming exactly them; every instance down: 503 names the models. Then the operator's own
+    command starts them again, all at once."""
     fallbacks = {i["model"]: i["fallback"] for _, i in every_instance(plans) if i.get("fallback")}
     if not fallbacks:
         pytest.skip("no model with a fallback in this scenario")
@@ -339,6 +341,11 @@ def test_health_tells_the_truth_as_instances_stop_and_start(host, gw, plans):
         assert [gw("/v1/chat/completions", chat(model, max_tokens=2))[0] for _ in range(5)] == [200] * 5
         after = counts(plans, backups)
         assert sum(after[k] - before[k] for k in after) == 5, "the fallback did not serve them"
+        health = playbook("playbooks/health.yml", "-e", f"health_json={tmp_path}/health.json")
+        rows = json.loads((tmp_path / "health.json").read_text())["rows"]
+        assert health.returncode != 0, "the health command passed with instances down"
+        assert {(r["host"], r["instance"]) for r in rows if r["state"] != "ok"} == {(h, i["name"]) for h, i in primaries}, rows
+        assert all(f"{h} {i['name']} {model}: down" in said(health) for h, i in primaries), said(health)[-2000:]
         for h, i in backups:
             host_named(h).check_output(f"systemctl stop vllm@{i['name']}")
             stopped.append((h, i))
