@@ -22,8 +22,10 @@ def client_handoff(
     gateways), and the base URL a client on the controller uses: the gateway's own, or through
     the tunnel that brings an unreachable one to the operator's loopback.
 
-    A gateway serves on every address; the one given is its default IPv4 address (the one the
-    firewall admits gateways by), else the address Ansible connects to. TLS is preferred when on."""
+    The address given is the gateway's default IPv4 address (the one the firewall admits gateways
+    by), else the address Ansible connects to; with the operator's own certificate, the inventory
+    name (a certificate names hosts, rarely addresses). TLS is preferred when on. The tunnel goes
+    through the address, user, port, key and SSH options Ansible itself uses."""
     reached = {(p.get("item") or {}).get("host") for p in probes or [] if p.get("state") == "started"}
     sheet = []
     for offset, name in enumerate(gateways):
@@ -32,17 +34,21 @@ def client_handoff(
         address = str(((hv.get("ansible_facts") or {}).get("default_ipv4") or {}).get("address") or connect)
         tls_port = int(hv.get("gateway_tls_port") or 0)
         scheme, port = ("https", tls_port) if tls_port else ("http", int(hv.get("gateway_listen_port") or 80))
+        own_certificate = bool(tls_port) and bool(hv.get("gateway_tls_certificate"))
         entry: dict[str, Any] = {
             "host": name,
             "address": address,
             "port": port,
-            "url": base_url(scheme, address, port),
+            "url": base_url(scheme, name if own_certificate else address, port),
             "reachable": name in reached,
-            "self_signed": bool(tls_port) and not hv.get("gateway_tls_certificate"),
+            "self_signed": bool(tls_port) and not own_certificate,
         }
         if not entry["reachable"]:
             local = local_port + offset
             ssh = ["ssh", "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{port}"]
+            ssh += shlex.split(str(hv.get("ansible_ssh_common_args") or ""))
+            if hv.get("ansible_ssh_private_key_file"):
+                ssh += ["-i", str(hv["ansible_ssh_private_key_file"])]
             if hv.get("ansible_port"):
                 ssh += ["-p", str(hv["ansible_port"])]
             user = hv.get("ansible_user")

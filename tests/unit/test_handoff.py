@@ -26,18 +26,23 @@ def test_a_reachable_gateway_is_its_own_address_plain_or_tls():
         },
     }
     sheet = client_handoff(["gw1", "gw2", "gw3"], hostvars, [probe("gw1"), probe("gw2"), probe("gw3")])
-    assert [e["url"] for e in sheet] == ["http://10.0.0.7/v1", "https://10.0.0.8:8443/v1", "https://gw3.example.net/v1"]
+    # The operator's certificate names the host, not its address: the URL uses the inventory name.
+    assert [e["url"] for e in sheet] == ["http://10.0.0.7/v1", "https://10.0.0.8:8443/v1", "https://gw3/v1"]
     assert [e["self_signed"] for e in sheet] == [False, True, False]
     assert all(e["reachable"] and "tunnel" not in e for e in sheet)
 
 
 def test_an_unreachable_gateway_gets_a_tunnel_through_the_address_ansible_uses():
     hostvars = {
-        "gw1": {"ansible_facts": FACTS, "ansible_host": "203.0.113.9", "ansible_user": "ops", "ansible_port": 2222},
+        "gw1": {"ansible_facts": FACTS, "ansible_host": "203.0.113.9", "ansible_user": "ops", "ansible_port": 2222,
+                "ansible_ssh_common_args": "-o ProxyJump=bastion.example.net", "ansible_ssh_private_key_file": "~/.ssh/ops"},
         "gw2": {"ansible_facts": {"default_ipv4": {"address": "fd00::2"}}, "gateway_tls_port": 443},
     }
     sheet = client_handoff(["gw1", "gw2"], hostvars, [probe("gw1", False), probe("gw2", False)])
-    assert shlex.split(sheet[0]["tunnel"]) == ["ssh", "-N", "-L", "127.0.0.1:18000:127.0.0.1:80", "-p", "2222", "ops@203.0.113.9"]
+    assert shlex.split(sheet[0]["tunnel"]) == [
+        "ssh", "-N", "-L", "127.0.0.1:18000:127.0.0.1:80", "-o", "ProxyJump=bastion.example.net", "-i", "~/.ssh/ops", "-p", "2222",
+        "ops@203.0.113.9",
+    ]  # fmt: skip
     assert sheet[0]["url"] == "http://127.0.0.1:18000/v1" and (sheet[0]["address"], sheet[0]["port"]) == ("10.0.0.7", 80)
     # Each gateway its own local port; no user or port: ssh's own defaults.
     assert shlex.split(sheet[1]["tunnel"])[-2:] == ["127.0.0.1:18001:127.0.0.1:443", "gw2"]

@@ -38,7 +38,9 @@ def test_the_sheet_names_every_gateway_and_model_and_no_key(host):
 def test_each_gateways_curl_snippet_answers_from_the_controller(host):
     """The controller reaches the test hosts, so no tunnel is offered and the snippet runs as is."""
     key = host.ansible.get_variables()["vllm_api_key"]
-    for name, part in sections(SHEET.read_text()).items():
+    parts = sections(SHEET.read_text())
+    assert parts, "the sheet has no gateway"
+    for name, part in parts.items():
         assert "ssh -N -L" not in part, f"{name}: a tunnel offered for a gateway the controller reaches"
         snippet = re.search(r"^    (curl .*?)\n\n", part, flags=re.M | re.S).group(1)
         result = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=120,
