@@ -1,15 +1,17 @@
 """The operator's health command (playbooks/health.yml, README "Health"): on a healthy fleet
 every instance and every model through every gateway answers a real completion, the table and the
-JSON say so, and the exit is 0. (An unhealthy fleet: test_gateway.py's /health truth check runs it
-with instances stopped.)"""
+JSON say so, and the exit is 0. Runs in the default scenario; multi_instance runs it with
+instances stopped (test_gateway.py's /health truth check), every row of three hosts checked."""
 
 from __future__ import annotations
 
 import json
 
-from conftest import GATEWAY_HOSTS, SERVING_HOSTS, host_named, playbook, wait_active
+import pytest
+from conftest import GATEWAY_HOSTS, SCENARIO, SERVING_HOSTS, host_named, playbook, wait_active
 
 testinfra_hosts = SERVING_HOSTS[:1]
+pytestmark = pytest.mark.skipif(SCENARIO != "default", reason="run once, in the default scenario")
 
 
 def test_a_healthy_fleet_is_reported_healthy_row_by_row(tmp_path):

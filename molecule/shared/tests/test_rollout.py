@@ -12,7 +12,7 @@ import json
 import time
 
 import pytest
-from conftest import GATEWAY_HOSTS, SERVING_HOSTS, chat, host_named, playbook, recap, said, sequential_codes, successes, unit_state
+from conftest import GATEWAY_HOSTS, SERVING_HOSTS, chat, host_named, playbook, said, sequential_codes, successes, unit_state
 
 testinfra_hosts = GATEWAY_HOSTS
 
@@ -130,8 +130,13 @@ def test_preflight_refuses_a_missing_model_path_before_any_change():
 
 def test_a_setting_changed_through_site_yml_reaches_its_instances_without_a_lost_request(host, tmp_path):
     """One model's setting changes on every host (its instances restart, batch by batch, under
-    load over every model); the other model's instances are left running as they were."""
+    load over every model); the other model's instances are left running as they were. The same
+    run gives back the wheelhouse a host lost, beside a host that has it (the archive is made once
+    for every host that lacks it, not only when the first one does)."""
     changed = models()[-1]
+    first, second = host_named(SERVING_HOSTS[0]), host_named(SERVING_HOSTS[-1])
+    wheelhouse_before = first.check_output("ls -la --time-style=full-iso /opt/vllm/wheelhouse/*/.complete")
+    second.check_output("rm -rf /opt/vllm/wheelhouse/*")
 
     def mark(model: dict) -> dict:
         return {**model, "env": {**model.get("env", {}), "ROLLOUT_MARK": "2"}} if model["name"] == changed else model
@@ -159,6 +164,8 @@ def test_a_setting_changed_through_site_yml_reaches_its_instances_without_a_lost
                 assert marks[key] == [] and after[key] == pids[key], f"{key} was restarted, its config did not change"
     batches = result.stdout.count("rollout_batch.yml for ")
     assert batches >= 2, "the instances did not change batch by batch"
+    assert second.run("ls /opt/vllm/wheelhouse/*/.complete").rc == 0, "the host without the wheelhouse did not get it"
+    assert first.check_output("ls -la --time-style=full-iso /opt/vllm/wheelhouse/*/.complete") == wheelhouse_before
 
 
 def test_a_broken_update_stops_at_the_first_batch_and_the_old_version_serves_again(host, tmp_path):
@@ -207,17 +214,3 @@ def test_a_broken_update_stops_at_the_first_batch_and_the_old_version_serves_aga
     key = host.ansible.get_variables()["vllm_api_key"]
     assert sequential_codes(host, 20, chat(first["model"], max_tokens=2), key) == ["200"] * 20
     assert successes(server, first) > served, f"{first_key} got none of 20 requests: not back in rotation"
-
-
-def test_a_new_host_gets_the_wheelhouse_beside_one_that_has_it():
-    """The archive is made once for all hosts that lack the wheelhouse, not only when the first
-    host lacks it."""
-    if len(SERVING_HOSTS) < 2 or not host_named(SERVING_HOSTS[0]).ansible.get_variables().get("vllm_wheelhouse"):
-        pytest.skip("needs two serving hosts installing from a wheelhouse")
-    second = host_named(SERVING_HOSTS[1])
-    second.check_output("rm -rf /opt/vllm/wheelhouse/*")
-    result = playbook("site.yml", "--tags", "vllm_install")
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert second.run("ls /opt/vllm/wheelhouse/*/.complete").rc == 0, "the host without the wheelhouse did not get it"
-    counts = recap(result)
-    assert counts[SERVING_HOSTS[0]]["changed"] == 0, counts
