@@ -18,13 +18,14 @@ testinfra_hosts = GATEWAY_HOSTS
 
 # Two clients, each a loop of requests through the gateway over every model in turn, until told
 # to stop; one "<start time> <model> <status>" line per request. Paced (two requests a second in
-# all): faster, they take both cores of the test machine and a restart starves for minutes.
+# all) and short (two tokens: the CPU build spends most of a request's time in decode steps):
+# heavier, they take both cores of the test machine and a restart starves for minutes.
 LOAD = """
 for client in 1 2; do
   ( while [ ! -e /tmp/load.stop ]; do
       for model in {models}; do
         start=$(date +%s.%N)
-        body="{{\\"model\\": \\"$model\\", \\"messages\\": [{{\\"role\\": \\"user\\", \\"content\\": \\"hi\\"}}], \\"max_tokens\\": 8}}"
+        body="{{\\"model\\": \\"$model\\", \\"messages\\": [{{\\"role\\": \\"user\\", \\"content\\": \\"hi\\"}}], \\"max_tokens\\": 2}}"
         code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 -H 'Content-Type: application/json' \\
           -H 'Authorization: Bearer {key}' --data-binary "$body" http://127.0.0.1/v1/chat/completions)
         echo "$start $model $code"
