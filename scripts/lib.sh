@@ -100,6 +100,9 @@ ensure_wheelhouse() {
 # The njs engine nginx runs the gateway's router with, for its unit tests.
 ensure_njs() { apt_install njs; }
 
+# Debian's chromium for the browser checks (CORS, the Prometheus screenshot), driven by Playwright.
+ensure_browser() { apt_install chromium; }
+
 # A random-weight Llama small enough for a CPU, with a tokenizer trained here.
 ensure_model() {
   [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0

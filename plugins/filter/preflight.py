@@ -32,13 +32,14 @@ except ImportError:  # pragma: no cover - unit tests run without Ansible too
 
 
 # Roles whose variables preflight checks, by prefix.
-ROLES = ("vllm", "gateway", "nvidia_driver", "docker_engine", "nvidia_container_toolkit")
+ROLES = ("vllm", "gateway", "monitoring", "nvidia_driver", "docker_engine", "nvidia_container_toolkit")
 # Facts the roles set themselves; not operator input.
 ROLE_FACTS = {
     "vllm_plan",
     "vllm_preflight_errors",
     "gateway_plan",
     "gateway_preflight_errors",
+    "monitoring_preflight_errors",
     "nvidia_driver_pci_gpus",
     "nvidia_driver_gpus",
 }
@@ -148,6 +149,25 @@ def nginx_source() -> tuple[Rule, str]:
     return rule, "an IPv4/IPv6 address or network, 'all' or 'unix:' (nginx allow)"
 
 
+def cors_origin() -> tuple[Rule, str]:
+    """An origin exactly as a browser serialises it, so that an exact match can find it: lower-case
+    scheme and host, no default port, nothing after the port."""
+    form = re.compile(r"(https?)://(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
+
+    def rule(value: str) -> str | None:
+        match = form.fullmatch(value)
+        if not match:
+            return "has the wrong form"
+        if match.group(2) and int(match.group(2)) == {"http": 80, "https": 443}[match.group(1)]:
+            return "names its scheme's default port, which a browser never sends"
+        return None
+
+    return rule, (
+        "an origin as a browser sends it: http:// or https://, a lower-case host name or address, a port other than the "
+        "scheme's default, nothing after it (no path, no '/', no '*')"
+    )
+
+
 def url() -> tuple[Rule, str]:
     return regex(r"(https?://[^\s/?#]+[^\s]*)?", "empty, or an http:// or https:// URL")
 
@@ -235,6 +255,21 @@ RULES: dict[str, tuple[Rule, str]] = {
     "gateway_rate_limit": whole(0, 1000000, "0 turns the limit off"),
     "gateway_rate_limit_burst": whole(0, 1000000),
     "gateway_metrics_allow[]": nginx_source(),
+    "gateway_cors_origins[]": cors_origin(),
+    "gateway_exporter_port": whole(1, 65535),
+    "monitoring_listen_address": ip_address(),
+    "monitoring_port": whole(1, 65535),
+    "monitoring_scrape_interval": whole(1, 3600),
+    "monitoring_retention": regex(r"([0-9]+(ms|s|m|h|d|w|y))+", 'a Prometheus duration such as "15d", "6w" or "1y"'),
+    "monitoring_node_exporter_port": whole(1, 65535),
+    "monitoring_dcgm_exporter_port": whole(1, 65535),
+    "monitoring_alert_kv_cache_usage": fraction(),
+    "monitoring_alert_gateway_error_ratio": fraction(),
+    "monitoring_alert_requests_waiting": whole(0),
+    "monitoring_alertmanagers[]": regex(
+        rf"(?:{_DOMAIN}(?:\.{_DOMAIN})*|[0-9.]+|\[[0-9a-fA-F:.]+\]):[0-9]{{1,5}}", "host:port of an Alertmanager, e.g. am-01:9093"
+    ),
+    "monitoring_grafana_repo_url": url(),
     "nvidia_driver_branch": regex(r"[0-9]{3}", 'a driver branch such as "570", quoted'),
     "nvidia_driver_min_version": regex(r"[0-9]+(\.[0-9]+)*", 'a driver version such as "525.60.13", quoted'),
     "nvidia_driver_expected_gpus": whole(0, 1024, "0: as many as the PCI bus shows"),
@@ -244,6 +279,7 @@ RULES: dict[str, tuple[Rule, str]] = {
     "nvidia_container_toolkit_repo_url": url(),
     "hosts_serial": count_or_percent(),
 }
+RULES["monitoring_dcgm_exporter_image"] = RULES["vllm_image"]
 
 
 # --- strict types -------------------------------------------------------------------------------

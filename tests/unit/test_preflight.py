@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from monitoring import preflight_errors as monitoring_errors
 from preflight import cross_errors, pem_errors, report, settings_errors
 from vllm import gateway_report, host_errors, model_sources, plan_report
 
@@ -89,6 +90,30 @@ def gateway_refusals(case: dict[str, Any], host: str, model: str, servers: dict[
     return errors
 
 
+MONITORING_DEFAULTS = yaml.safe_load((REPO / "roles" / "monitoring" / "defaults" / "main.yml").read_text())
+
+
+def monitoring_refusals(case: dict[str, Any], hostvars: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Settings of the monitoring host, then the monitoring role's preflight on every host of the
+    case (the fleet's plans in `hostvars`), as playbooks/preflight.yml runs them."""
+    own = {k: v for k, v in case["monitoring"].items() if k != "with"}
+    mon = names["monitoring"]
+    errors = settings_errors(own, mon, ROLES, [])
+    if errors:
+        return errors
+    groups = {kind: [names[kind]] for kind in ("servers", "gateway", "monitoring", "grafana") if kind in case}
+    groups = {"vllm_servers": groups.get("servers", []), "vllm_gateway": groups.get("gateway", []),
+              "monitoring": groups["monitoring"], "grafana": groups.get("grafana", [])}  # fmt: skip
+    hostvars.setdefault(mon, {}).update(own)
+    for name in {n for members in groups.values() for n in members}:
+        hostvars.setdefault(name, {})["ansible_facts"] = {"default_ipv4": {"address": "10.0.0.9"}}
+    defaults = {**MONITORING_DEFAULTS, "monitoring_scrape": "gateway" if groups["vllm_gateway"] else "direct"}
+    for name in sorted(hostvars):
+        settings = {**defaults, **{k: v for k, v in hostvars[name].items() if k.startswith("monitoring_")}}
+        errors += monitoring_errors(name, hostvars, settings, groups)
+    return errors
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny")
@@ -105,19 +130,27 @@ def test_the_table_has_at_least_forty_cases_with_unique_ids():
 def test_each_bad_inventory_is_refused_with_its_words(case, model):
     errors: list[str] = []
     servers: dict[str, Any] = {}
+    names = {"servers": "srv", "gateway": "gw", "monitoring": "mon", "grafana": "graf"}
+    if case.get("monitoring", {}).get("with"):
+        names["monitoring"] = names[case["monitoring"]["with"]]
     gateways = ["gw"] if case.get("remote_gateway") or "gateway" in case else []
     if "servers" in case:
         found, plan = server_refusals(case, "srv", model, gateways)
         errors += found
         if plan is not None and not found:
-            servers["srv"] = {"vllm_plan": plan}
+            servers["srv"] = {"vllm_plan": plan, "vllm_device": "cpu", **case["servers"]}
     if "gateway" in case:
-        errors += gateway_refusals(case, "gw", model, servers)
+        found = gateway_refusals(case, "gw", model, servers)
+        errors += found
+        if not found:
+            servers["gw"] = {"gateway_plan": [], **case["gateway"]}
+    if "monitoring" in case and not errors:
+        errors += monitoring_refusals(case, servers, names)
     text = report(errors)
     assert errors, f"{case['id']}: nothing refused"
     for words in case["expect"]:
         assert words in text, f"{case['id']}: {words!r} not in:\n{text}"
-    assert all(e.startswith(("host srv: ", "host gw: ")) for e in errors), text
+    assert all(e.startswith(tuple(f"host {n}: " for n in names.values())) for e in errors), text
     if "vllm_api_key" in json.dumps(case):
         assert "s3cret" not in text or "extra_args" in text
 

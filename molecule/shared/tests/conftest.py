@@ -47,6 +47,11 @@ def sequential_codes(host, count: int, body: dict, key: str, url: str = "http://
     ).split()
 
 
+def default_address(host) -> str:
+    """The host's default IPv4 address, as Ansible's facts give it (the inventory holds no facts)."""
+    return host.ansible("setup", "gather_subset=!all,network", check=False)["ansible_facts"]["ansible_default_ipv4"]["address"]
+
+
 def env_file(instance: dict) -> str:
     return f"/etc/vllm/instances/{instance['name']}.env"
 
@@ -131,3 +136,20 @@ def recap(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="module")
 def api_key(host) -> str:
     return host.ansible.get_variables()["vllm_api_key"]
+
+
+# Debian's chromium (scripts/lib.sh installs it), headless, driven by Playwright. The flags keep it
+# off the network: this machine reaches only loopback and the test containers.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        chromium = driver.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

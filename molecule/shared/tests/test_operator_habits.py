@@ -16,7 +16,7 @@ from conftest import SCENARIO, SERVING_HOSTS, host_named, playbook, recap, unit_
 pytestmark = pytest.mark.skipif(SCENARIO != "default", reason="run once, in the default scenario")
 # The README's tag table.
 TAGS = ["vllm_install", "vllm_models", "vllm_config", "vllm_prune", "gateway_install", "gateway_config",
-        "nvidia_driver", "docker_engine", "nvidia_container_toolkit", "verify", "handoff"]  # fmt: skip
+        "nvidia_driver", "docker_engine", "nvidia_container_toolkit", "monitoring", "verify", "handoff"]  # fmt: skip
 
 
 def changes(result) -> str | None:

@@ -70,33 +70,50 @@ def snapshot(server) -> str:
     return files + pids
 
 
+KINDS = {"servers": "vllm_servers", "gateway": "vllm_gateway", "monitoring": "monitoring", "grafana": "grafana"}
+
+
+def kinds_of(case: dict) -> list[str]:
+    return [kind for kind in KINDS if kind in case]
+
+
+def case_vars(case: dict, kind: str) -> dict:
+    if kind == "servers":
+        return server_vars(case)
+    return substitute({k: v for k, v in case[kind].items() if k != "with"})
+
+
+def own_inventory(case: dict, connection: dict) -> dict:
+    """A case with hosts of several kinds: the host its refusal names is bad-<id> (`refused`, else
+    the last kind), the others bad-<id>-<kind>; `with` puts the monitoring group on another
+    kind's host."""
+    kinds = kinds_of(case)
+    refused = case.get("refused", kinds[-1])
+    names = {kind: f"bad-{case['id']}" if kind == refused else f"bad-{case['id']}-{kind}" for kind in kinds}
+    if case.get("monitoring", {}).get("with"):
+        names["monitoring"] = names[case["monitoring"]["with"]]
+    children: dict = {}
+    for kind in kinds:
+        children.setdefault(KINDS[kind], {"hosts": {}})["hosts"].setdefault(names[kind], {}).update(case_vars(case, kind))
+    return {"all": {"vars": connection, "children": children}}
+
+
 def test_every_bad_inventory_is_refused_before_any_change(host, tmp_path):
     real = yaml.safe_load(open(INVENTORY))["all"]["hosts"][host.ansible.get_variables()["inventory_hostname"]]
     connection = {"ansible_connection": real["ansible_connection"], "ansible_host": host.ansible.get_variables()["inventory_hostname"]}
     before = snapshot(host)
-    together = [c for c in CASES if not ("servers" in c and "gateway" in c)]
-    inventory = {
-        "all": {
-            "vars": connection,
-            "children": {
-                "vllm_servers": {"hosts": {f"bad-{c['id']}": server_vars(c) for c in together if "servers" in c}},
-                "vllm_gateway": {"hosts": {f"bad-{c['id']}": substitute(c["gateway"]) for c in together if "gateway" in c}},
-            },
-        }
-    }
-    inventories = {"together": inventory}
+    together = [c for c in CASES if len(kinds_of(c)) == 1]
+    children: dict = {}
+    for case in together:
+        kind = kinds_of(case)[0]
+        children.setdefault(KINDS[kind], {"hosts": {}})["hosts"][f"bad-{case['id']}"] = case_vars(case, kind)
+    inventories = {"together": {"all": {"vars": connection, "children": children}}}
     for case in CASES:
-        if case in together:
-            continue
-        inventories[case["id"]] = {
-            "all": {
-                "vars": connection,
-                "children": {
-                    "vllm_servers": {"hosts": {f"bad-{case['id']}-srv": server_vars(case)}},
-                    "vllm_gateway": {"hosts": {f"bad-{case['id']}": substitute(case["gateway"])}},
-                },
-            }
-        }
+        if case not in together:
+            name = case.get("inventory", case["id"])
+            shared = inventories.setdefault(name, {"all": {"vars": connection, "children": {}}})["all"]["children"]
+            for group, members in own_inventory(case, connection)["all"]["children"].items():
+                shared.setdefault(group, {"hosts": {}})["hosts"].update(members["hosts"])
     found: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=len(inventories)) as pool:
         for refused in pool.map(lambda item: refusals(run_site(item[1], tmp_path, item[0])), inventories.items()):

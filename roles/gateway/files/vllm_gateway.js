@@ -8,6 +8,8 @@
 // models: answers GET /v1/models with the union of every model's instances' own answers.
 // health: 200 while every model has an instance whose /health answers (its own, or its
 //         fallback's), else 503 naming the models that have none.
+// A CORS preflight (OPTIONS with Origin and Access-Control-Request-Method) from an origin in
+// gateway_cors_origins is answered here, without the key; from any other origin it is refused.
 import ROUTES from 'vllm_routes.js';
 
 const MODELS = ROUTES.models;
@@ -158,7 +160,37 @@ function modelField(buf) {
     }
 }
 
+// Header names a preflight may ask for, as the browser lists them (tokens and commas only).
+const HEADER_LIST = /^[A-Za-z0-9!#$%&'*+.^_`|~-]+( *, *[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$/;
+
+// OPTIONS: a browser's CORS preflight is answered for allowed origins (the allowed origin itself
+// is added by nginx's add_header); anything else gets what other odd methods get.
+function preflight(r, allowed) {
+    const origin = r.headersIn['Origin'];
+    const asked = r.headersIn['Access-Control-Request-Method'];
+    if (!origin || !asked) {
+        return methodNotAllowed(r, allowed);
+    }
+    if (!r.variables.vllm_cors_origin) {
+        return error(r, 403, 'ForbiddenError', 'This origin may not call the gateway from a browser (gateway_cors_origins).');
+    }
+    if (allowed.split(', ').indexOf(asked) < 0) {
+        return methodNotAllowed(r, allowed);
+    }
+    const headers = r.headersIn['Access-Control-Request-Headers'];
+    if (headers && HEADER_LIST.test(headers)) {
+        r.headersOut['Access-Control-Allow-Headers'] = headers;
+    }
+    r.headersOut['Access-Control-Allow-Methods'] = allowed;
+    r.headersOut['Access-Control-Max-Age'] = '600';
+    r.return(204);
+}
+
 function route(r) {
+    r.variables.vllm_model = '-';
+    if (r.method === 'OPTIONS') {
+        return preflight(r, 'GET, HEAD, POST');
+    }
     if (r.method !== 'POST' && r.method !== 'GET' && r.method !== 'HEAD') {
         return methodNotAllowed(r, 'GET, HEAD, POST');
     }
@@ -181,10 +213,15 @@ function route(r) {
     if (target === undefined) {
         return error(r, 404, 'NotFoundError', 'The model `' + name + '` does not exist.', 'model');
     }
+    r.variables.vllm_model = name;
     r.internalRedirect('@' + target.upstream);
 }
 
 async function models(r) {
+    r.variables.vllm_model = '-';
+    if (r.method === 'OPTIONS') {
+        return preflight(r, 'GET, HEAD');
+    }
     if (r.method !== 'GET' && r.method !== 'HEAD') {
         return methodNotAllowed(r, 'GET, HEAD');
     }
