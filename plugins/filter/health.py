@@ -18,7 +18,8 @@ def row(host: str, state: str, detail: str = "", instance: str = "-", model: str
 def instance_requests(manifest: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """/health, /version and a one-token completion of its model, for every deployed instance."""
     requests = []
-    for inst in manifest:
+    # A headless follower of a group answers nothing itself: its leader's rows are the group's.
+    for inst in (i for i in manifest if i.get("health_url")):
         base, name = inst["health_url"].removesuffix("/health"), inst["name"]
         requests += [
             {"id": f"{name}/health", "url": inst["health_url"]},
@@ -50,6 +51,11 @@ def instance_rows(host: str, manifest: list[dict[str, Any]] | None, answers: lis
     by_id = {a["id"]: a for a in answers}
     rows = []
     for inst in manifest:
+        if not inst.get("health_url"):
+            node = inst.get("node") or {}
+            rows.append(row(host, "ok", f"headless node {node.get('node_rank')} of group {node.get('group')}: asked through its leader "
+                            f"{node.get('leader')}", inst["name"], inst["model"]))  # fmt: skip
+            continue
         health, version, completion = (by_id[f"{inst['name']}/{what}"] for what in ("health", "version", "completion"))
         state = _state(health) if health["status"] != 200 else _state(completion)
         detail = "" if state == "ok" else (_why("/health", health) if health["status"] != 200 else _why("a completion", completion))

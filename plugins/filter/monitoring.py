@@ -127,7 +127,11 @@ def _ports_of(host: str, hostvars: Any) -> dict[int, str]:
     hv = hostvars[host]
     used: dict[int, str] = {}
     for inst in hv.get("vllm_plan") or []:
-        used[int(inst["port"])] = f"instance {inst['name']}"
+        if inst.get("port"):
+            used[int(inst["port"])] = f"instance {inst['name']}"
+        if inst.get("node"):
+            first = inst["node"]["rendezvous_port"]
+            used.update({p: f"the group ports of instance {inst['name']}" for p in range(first, inst["node"]["watch_port"] + 1)})
     if hv.get("gateway_plan") is not None:
         used[int(hv.get("gateway_listen_port") or 80)] = "gateway_listen_port"
         if hv.get("gateway_tls_port"):
@@ -177,7 +181,7 @@ def preflight_errors(host: str, hostvars: Any, settings: dict[str, Any], groups:
             errors.append(f"host {host}: monitoring_scrape: gateway, but the inventory has no vllm_gateway host; accepted: direct")
         elif via == "direct":
             for name in servers:
-                plan = hostvars[name].get("vllm_plan") or []
+                plan = [i for i in hostvars[name].get("vllm_plan") or [] if i.get("port")]
                 listen = str(plan[0]["listen_address"]) if plan else ""
                 if name != host and (listen.startswith("127.") or listen == "::1"):
                     errors.append(

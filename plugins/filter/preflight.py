@@ -114,6 +114,16 @@ def regex(pattern: str, accepted: str) -> tuple[Rule, str]:
     return (lambda v: None if compiled.fullmatch(v) else "has the wrong form"), accepted
 
 
+def node_address() -> tuple[Rule, str]:
+    def rule(value: str) -> str | None:
+        try:
+            return None if value == "" or ipaddress.ip_address(value).version == 4 else "is not an IPv4 address"
+        except ValueError:
+            return "is not an IPv4 address"
+
+    return rule, 'the IPv4 address the other hosts of its group reach (the firewall admits them by it), or "" for the default one'
+
+
 def ip_address() -> tuple[Rule, str]:
     def rule(value: str) -> str | None:
         try:
@@ -213,6 +223,9 @@ RULES: dict[str, tuple[Rule, str]] = {
     "vllm_listen_address": ip_address(),
     "vllm_port_base": whole(1024, 65535, "the service user cannot bind ports below 1024"),
     "vllm_reserved_ports[]": whole(1, 65535),
+    "vllm_rendezvous_port": whole(1024, 65535 - 32, "the group's 32 ports start here"),
+    "vllm_node_address": node_address(),
+    "vllm_node_interface": regex(r"[A-Za-z0-9_.:@-]{0,15}", 'a network interface name such as "ens5", or "" for the default route\'s'),
     "vllm_gpus[]": whole(0, 1023),
     "vllm_start_timeout": whole(1, 604800),
     "vllm_index_url": url(),
@@ -238,6 +251,9 @@ RULES: dict[str, tuple[Rule, str]] = {
     "vllm_rollout_serial": count_or_percent(),
     "vllm_models[].replicas": whole(1, 1024),
     "vllm_models[].tensor_parallel_size": whole(1, 1024),
+    "vllm_models[].pipeline_parallel_size": whole(1, 1024),
+    "vllm_models[].rendezvous_port": whole(1024, 65535 - 32, "the group's 32 ports start here"),
+    "vllm_models[].nodes": regex(r"[A-Za-z_][A-Za-z0-9_]*", "the name of an inventory group"),
     "vllm_models[].max_model_len": whole(1),
     "vllm_models[].max_num_seqs": whole(1),
     "vllm_models[].gpu_memory_utilization": fraction(),

@@ -37,7 +37,17 @@ SERVE_SETTINGS = (
     "enable_prefix_caching",
     "trust_remote_code",
 )
-MODEL_DEFAULTS: dict[str, Any] = {"tensor_parallel_size": 1, "replicas": 1, "extra_args": [], "env": {}, "fallback": None, "gpus": None}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "tensor_parallel_size": 1,
+    "replicas": 1,
+    "extra_args": [],
+    "env": {},
+    "fallback": None,
+    "gpus": None,
+    "nodes": None,
+    "pipeline_parallel_size": 1,
+    "rendezvous_port": None,
+}
 # vLLM's own default share of each GPU's memory.
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # Flags the role sets itself, or whose effect the planner must own: in extra_args they would
@@ -52,12 +62,15 @@ MANAGED_FLAGS = {
     "--model": "set the model's source",
     "--served-model-name": "set the model's name (and fallback)",
     "--tensor-parallel-size": "set the model's tensor_parallel_size",
-    "--pipeline-parallel-size": "an instance's GPUs are planned from tensor_parallel_size; pipeline parallelism is not planned",
+    "--pipeline-parallel-size": "set the model's pipeline_parallel_size (stages across the hosts of its `nodes` group)",
     "--data-parallel-size": "set the model's replicas (one instance each, planned and balanced by the gateway)",
     "--data-parallel-size-local": "set the model's replicas (one instance each, planned and balanced by the gateway)",
-    "--nnodes": "an instance runs on one host",
-    "--node-rank": "an instance runs on one host",
-    "--headless": "an instance runs on one host",
+    "--nnodes": "set the model's nodes: the inventory group of hosts that serve it together",
+    "--node-rank": "set the model's nodes: ranks follow the group's inventory order",
+    "--headless": "set the model's nodes: every host of the group but the first runs headless",
+    "--master-addr": "set the model's nodes: the first host of the group leads",
+    "--master-port": "set the model's rendezvous_port (or vllm_rendezvous_port)",
+    "--distributed-executor-backend": "a group of hosts runs vLLM's own multi-node launcher (mp); Ray is not planned",
 }
 # Flags the model's own fields render; given in extra_args as well they would be given twice.
 FIELD_FLAGS = {
@@ -81,6 +94,9 @@ MANAGED_ENV = {
     "CUDA_VISIBLE_DEVICES": "GPUs are planned; pin a model with its `gpus` list",
     **{name: "instances keep vLLM's internal sockets on loopback" for name in LOOPBACK_ENV},
 }
+# A group's leader listens for its peers on the rendezvous port (torch's store), and vLLM's message
+# queues take the next ports up from it (VLLM_PORT); the firewall covers this many.
+NODE_PORTS = 32
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FLAGS_DIR = posixpath.join(posixpath.dirname(posixpath.abspath(__file__)), "vllm_serve_flags")
 
@@ -271,6 +287,16 @@ def _validate_model(host: str, index: int, model: dict[str, Any], flags: dict[st
     for field in ("replicas", "tensor_parallel_size"):
         if not _whole(model[field], 1):
             raise _fail(host, f"{where}.{field}", f"{_shown(model[field])} is refused; accepted: a whole number >= 1, without quotes")
+    if not _whole(model["pipeline_parallel_size"], 1):
+        raise _fail(
+            host, f"{where}.pipeline_parallel_size", f"{_shown(model['pipeline_parallel_size'])} is refused; accepted: a whole number >= 1"
+        )
+    if model["nodes"] is None and model["pipeline_parallel_size"] > 1:
+        raise _fail(
+            host,
+            f"{where}.pipeline_parallel_size",
+            f"{model['pipeline_parallel_size']} stages need several hosts; accepted: 1, or a `nodes` group whose host count it divides",
+        )
     util = model.get("gpu_memory_utilization")
     if util is not None and not (isinstance(util, (int, float)) and not isinstance(util, bool) and 0 < util <= 1):
         raise _fail(host, f"{where}.gpu_memory_utilization", f"{_shown(util)} is refused; accepted: a number in (0, 1], without quotes")
@@ -352,9 +378,15 @@ def plan_instances(
     nccl_env: dict[str, Any] | None = None,
     env: dict[str, Any] | None = None,
     version: str | None = None,
+    node_groups: dict[str, list[dict[str, Any]]] | None = None,
+    rendezvous_port: int = 29500,
 ) -> list[dict[str, Any]]:
     """Expand models x replicas into this host's instances: name, port, GPUs, argv, env.
 
+    A model with `nodes` is one instance served by the hosts of that inventory group together
+    (`node_groups`: each group's hosts in inventory order with the address and interface they
+    reach each other on): the first leads (its API is the one the gateway sees), the others run
+    headless and listen on no API port.
     `gpus` is the host's GPU indices (the operator's override) or its GPU facts (nvidia_gpu_facts,
     which add NVLink/PCIe topology and NUMA affinity); None means a host without GPUs (the CPU
     build), where no GPU is pinned. Tensor-parallel instances get the best-connected free GPUs and
@@ -412,7 +444,19 @@ def plan_instances(
     shared_use: dict[int, list[tuple[str, float]]] = {}
     instances: list[dict[str, Any]] = []
     port = port_base
+    nodes = {m["name"]: _node_plan(m, host, node_groups or {}, rendezvous_port) for m in validated if m["nodes"] is not None}
+    spanned = sorted({n["group"] for n in nodes.values()})
+    if len(spanned) > 1:
+        raise _fail(host, "vllm_models", f"this host is in groups {', '.join(map(repr, spanned))}; accepted: one `nodes` group per host")
+    if len(nodes) > 1:
+        raise _fail(
+            host,
+            "vllm_models",
+            f"{', '.join(sorted(nodes))} are all served by group {spanned[0]!r}; accepted: one model per group of hosts "
+            "(they would share its ports)",
+        )
     for model in validated:
+        node = nodes.get(model["name"])
         for replica in range(model["replicas"]):
             name = f"{model['name']}-{replica}"
             while port in reserved:
@@ -448,9 +492,18 @@ def plan_instances(
                 instance_env.update({str(k): str(v) for k, v in (nccl_env or {}).items()})
             instance_env.update({str(k): str(v) for k, v in model["env"].items()})
             instance_env.update(LOOPBACK_ENV)
+            args = serve_args(model, path=model["path"], host=listen_address, port=port, aliases=aliases.get(model["name"], []))
+            if node is not None:
+                # The group's processes talk over the address its hosts reach each other on.
+                instance_env.update({"VLLM_HOST_IP": node["address"], "VLLM_PORT": str(node["rendezvous_port"] + 1)})
+                if node["interface"]:
+                    instance_env.update({"GLOO_SOCKET_IFNAME": node["interface"], "NCCL_SOCKET_IFNAME": node["interface"]})
+                at = args.index("--tensor-parallel-size")
+                args = args[:at] + args[at + 2 :] + node_args(node)
             if free_gpus is not None:
                 instance_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
             health_host = "127.0.0.1" if listen_address in ("0.0.0.0", "::") else listen_address
+            follower = node is not None and node["role"] == "follower"
             instances.append(
                 {
                     "name": name,
@@ -460,23 +513,240 @@ def plan_instances(
                     "port": port,
                     "gpus": assigned,
                     "tensor_parallel_size": model["tensor_parallel_size"],
+                    # What vLLM is given over the whole instance (a group of hosts, or this one).
+                    "world": {
+                        "tensor_parallel_size": node["tensor_parallel_total"] if node else model["tensor_parallel_size"],
+                        "pipeline_parallel_size": model["pipeline_parallel_size"],
+                    },
                     "numa_node": numa_node,
                     "cpus": cpu_ranges(cpus),
                     "source": model["source_parsed"],
                     "model_path": model["path"],
                     "fallback": model["fallback"],
-                    "args": serve_args(model, path=model["path"], host=listen_address, port=port, aliases=aliases.get(model["name"], [])),
+                    "args": args,
                     "env": instance_env,
-                    "health_url": f"http://{_url_host(health_host)}:{port}/health",
+                    # A follower answers nothing itself: the leader's /health is the group's.
+                    "health_url": None if follower else f"http://{_url_host(health_host)}:{port}/health",
+                    **({"port": None, "role": "follower"} if follower else {"role": "leader" if node else "single"}),
+                    **({"node": node} if node else {}),
                 }
             )
-            port += 1
+            if not follower:
+                port += 1
+    for node in nodes.values():
+        span = range(node["rendezvous_port"], node["rendezvous_port"] + NODE_PORTS)
+        taken = sorted({i["port"] for i in instances if i["port"] in span} | (reserved & set(span)))
+        if taken:
+            raise _fail(
+                host,
+                "vllm_rendezvous_port",
+                f"{node['rendezvous_port']}: the ports {span.start}-{span.stop - 1} of group {node['group']!r} hold port(s) "
+                f"{', '.join(map(str, taken))} planned or reserved here; accepted: a rendezvous port {NODE_PORTS} ports clear of them",
+            )
     for gpu, users in sorted(shared_use.items()):
         total = sum(u for _, u in users)
         if total > 1.0 + 1e-9:
             detail = ", ".join(f"{n} {u:g}" for n, u in users)
             raise _fail(host, "vllm_models.gpu_memory_utilization", f"GPU {gpu} is shared by {detail}: {total:g} > 1.0")
     return instances
+
+
+def _node_plan(model: dict[str, Any], host: str, groups: dict[str, list[dict[str, Any]]], rendezvous: int) -> dict[str, Any]:
+    """Where this host stands in the group of hosts that serve `model` together: its rank (the
+    group's inventory order), the leader (rank 0) and its address, the rendezvous port, the
+    sizes vLLM gets, and the addresses the group's hosts reach each other on."""
+    name, group = model["name"], model["nodes"]
+    where = f"vllm_models ({name}).nodes"
+    members = groups.get(group) if isinstance(group, str) else None
+    if members is None:
+        raise _fail(host, where, f"{_shown(group)} is not an inventory group; accepted: the group of the hosts that serve {name} together")
+    names = [m["host"] for m in members]
+    if host not in names:
+        raise _fail(
+            host, where, f"this host is not in group {group!r} ({', '.join(names)}); accepted: list the model on the group's hosts only"
+        )
+    if len(names) < 2:
+        raise _fail(host, where, f"group {group!r} has one host; accepted: a group of several hosts, or no `nodes` for a model on one host")
+    if model["replicas"] != 1:
+        raise _fail(
+            host,
+            f"vllm_models ({name}).replicas",
+            f"{model['replicas']}: a group of hosts runs one instance; accepted: 1 (another group for more)",
+        )
+    pp, nnodes, tp = model["pipeline_parallel_size"], len(names), model["tensor_parallel_size"]
+    if nnodes % pp:
+        raise _fail(
+            host,
+            f"vllm_models ({name}).pipeline_parallel_size",
+            f"{pp} does not divide the {nnodes} hosts of group {group!r}; "
+            f"accepted: 1 (tensor parallel across the hosts) or a divisor of {nnodes}",
+        )
+    for member in members:
+        if member.get("address") and not member.get("interface"):
+            raise _fail(
+                member["host"],
+                "vllm_node_interface",
+                f"no interface of {member['host']} holds {member['address']} (group {group!r}); accepted: the interface of "
+                "vllm_node_address, for Gloo and NCCL",
+            )
+        if not member.get("address"):
+            raise _fail(
+                host,
+                f"vllm_models ({name}).nodes",
+                f"no address is known for {member['host']} of group {group!r} (not in this run, or no default IPv4 route); "
+                "accepted: a run with every host of the group, or its vllm_node_address",
+            )
+    rank = names.index(host)
+    port = model["rendezvous_port"] if model["rendezvous_port"] is not None else rendezvous
+    if not _whole(port, 1024) or port > 65535 - NODE_PORTS:
+        raise _fail(
+            host,
+            f"vllm_models ({name}).rendezvous_port",
+            f"{_shown(port)} is refused; accepted: a whole number from 1024 to {65535 - NODE_PORTS}",
+        )
+    return {
+        "group": group,
+        "node_rank": rank,
+        "nnodes": nnodes,
+        "role": "leader" if rank == 0 else "follower",
+        "leader": names[0],
+        "hosts": names,
+        "leader_address": members[0]["address"],
+        "address": members[rank]["address"],
+        "interface": members[rank].get("interface") or "",
+        "peers": [m["address"] for m in members if m["host"] != host],
+        "rendezvous_port": port,
+        # The last port of the range: where the group's hosts watch each other (vllm-launch).
+        "watch_port": port + NODE_PORTS - 1,
+        "tensor_parallel_total": tp * nnodes // pp,
+        "pipeline_parallel_size": pp,
+    }
+
+
+def node_args(node: dict[str, Any]) -> list[str]:
+    """vLLM's flags for one host of a group, after the instance's own: the sizes over the whole
+    group and vLLM's own multi-node launcher (every host starts `vllm serve`, all but the leader
+    headless)."""
+    args = ["--tensor-parallel-size", str(node["tensor_parallel_total"]), "--pipeline-parallel-size", str(node["pipeline_parallel_size"])]
+    args += ["--nnodes", str(node["nnodes"]), "--node-rank", str(node["node_rank"])]
+    args += ["--master-addr", node["leader_address"], "--master-port", str(node["rendezvous_port"])]
+    return args + (["--headless"] if node["role"] == "follower" else [])
+
+
+def node_groups(models: Any, groups: dict[str, list[str]], hostvars: Any) -> dict[str, list[dict[str, Any]]]:
+    """The inventory groups this host's models span, each as its hosts in inventory order with
+    the address and interface they reach each other on: `vllm_node_address` and
+    `vllm_node_interface`, else the host's default IPv4 route (facts)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for model in models if isinstance(models, list) else []:
+        group = model.get("nodes") if isinstance(model, dict) else None
+        if not isinstance(group, str) or group not in groups:
+            continue
+        members = []
+        for name in groups[group]:
+            hv = hostvars[name] if name in hostvars else {}
+            facts = hv.get("ansible_facts") or {}
+            default = facts.get("default_ipv4") or {}
+            address = hv.get("vllm_node_address") or default.get("address") or ""
+            # The interface that holds the address (facts: one entry per interface, dashes as '_').
+            holding = [
+                facts[i.replace("-", "_")].get("device", i)
+                for i in facts.get("interfaces") or []
+                if ((facts.get(i.replace("-", "_")) or {}).get("ipv4") or {}).get("address") == address
+            ]
+            found = default.get("interface") if address == default.get("address") else (holding[0] if holding else "")
+            members.append({"host": name, "address": address, "interface": hv.get("vllm_node_interface") or found or ""})
+        out[group] = members
+    return out
+
+
+# Fields the hosts of a group may set differently: the environment (interface names, CPU binding).
+NODE_LOCAL_FIELDS = ("env",)
+# Host settings the hosts of a group must share: they run one vLLM together.
+NODE_SHARED_SETTINGS = ("vllm_version", "vllm_device", "vllm_runtime", "vllm_image")
+
+
+def launch_args(node: dict[str, Any]) -> list[str]:
+    """vllm-launch's own arguments for one host of a group: where it listens for its peers, whom
+    it watches (the leader every follower, a follower the leader), and `--` before vLLM's."""
+    watch = node["watch_port"]
+    peers = node["peers"] if node["role"] == "leader" else [node["leader_address"]]
+    args = ["--watch", f"{_url_host(node['address'])}:{watch}"]
+    for peer in peers:
+        args += ["--peer", f"{_url_host(peer)}:{watch}"]
+    return [*args, "--"]
+
+
+def node_group_errors(servers: list[str], hostvars: Any, groups: dict[str, list[str]]) -> list[str]:
+    """What the hosts of a group must agree on, checked across hosts in preflight: every host of
+    the group plans the model (a host in two groups gets one group's vllm_models only), with the
+    same definition, and as many GPUs."""
+    errors: list[str] = []
+    seen: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}
+    sides: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for name in servers:
+        hv = hostvars[name]
+        for inst in hv.get("vllm_plan") or []:
+            if inst.get("node"):
+                model = next((m for m in hv.get("vllm_models") or [] if isinstance(m, dict) and m.get("name") == inst["model"]), None)
+                model = {k: v for k, v in (model or {}).items() if k not in NODE_LOCAL_FIELDS}
+                gpus = hv.get("vllm_gpus") or hv.get("nvidia_driver_gpus") or []
+                seen.setdefault((inst["node"]["group"], inst["model"]), []).append(
+                    (name, model, len(gpus) if isinstance(gpus, list) else gpus)
+                )
+                node = inst["node"]
+                side = {f: hv.get(f) for f in NODE_SHARED_SETTINGS}
+                side |= {
+                    "the rendezvous port": node["rendezvous_port"],
+                    "the leader's address": node["leader_address"],
+                    "address": node["address"],
+                }
+                sides.setdefault((node["group"], inst["model"]), []).append((name, side))
+    for (group, _), sided in sorted(sides.items()):
+        first_host, first = sided[0]
+        for name, side in sided[1:]:
+            for field in (*NODE_SHARED_SETTINGS, "the rendezvous port", "the leader's address"):
+                if side[field] != first[field]:
+                    errors.append(
+                        f"host {name}: {field}: {_shown(side[field])}, but {first_host} of group {group!r} has {_shown(first[field])}; "
+                        "accepted: the same on every host of the group (its group_vars)"
+                    )
+        by_address: dict[str, str] = {}
+        for name, side in sided:
+            other = by_address.setdefault(side["address"], name)
+            if other != name:
+                errors.append(
+                    f"host {name}: vllm_node_address: {side['address']} is {other}'s too (group {group!r}); accepted: each host its own"
+                )
+    for (group, model_name), members in sorted(seen.items()):
+        planned_by = {m[0] for m in members}
+        for name in groups.get(group, []):
+            if name not in servers:
+                errors += [
+                    f"host {m[0]}: vllm_models ({model_name}).nodes: {name} of group {group!r} is not in this run; accepted: a run "
+                    "with every host of the group (a group changes together: --limit all of them or none)"
+                    for m in members
+                ]
+            elif name not in planned_by:
+                others = sorted(g for g, hosts in groups.items() if name in hosts and g not in (group, "all", "ungrouped", "vllm_servers"))
+                errors.append(
+                    f"host {name}: vllm_models: does not plan {model_name!r}, which group {group!r} serves across its hosts"
+                    + (f" (the host is also in {', '.join(map(repr, others))}, whose vllm_models it got)" if others else "")
+                    + "; accepted: one group of hosts per host, the model in the group's group_vars"
+                )
+        first_host, first_model, first_gpus = members[0]
+        for name, model, gpus in members[1:]:
+            if model != first_model:
+                errors.append(
+                    f"host {name}: vllm_models ({model_name}): differs from its definition on {first_host}, which serves it in the same "
+                    f"group {group!r} (env aside); accepted: one definition for the group (its group_vars)"
+                )
+            if gpus != first_gpus:
+                errors.append(
+                    f"host {name}: vllm_gpus: {gpus} GPU(s), but {first_host} of group {group!r} has {first_gpus}; accepted: hosts with "
+                    "as many GPUs each (vLLM gives every host of a group the same share)"
+                )
+    return errors
 
 
 def check_heads(results: list[dict[str, Any]], host: str) -> list[str]:
@@ -489,8 +759,10 @@ def check_heads(results: list[dict[str, Any]], host: str) -> list[str]:
     checked = []
     for result in results:
         item, content = result.get("item") or {}, result.get("content")
-        tp = int(item.get("tensor_parallel_size") or 1)
-        if not content or tp == 1:
+        world = item.get("world") or {}
+        tp = int(world.get("tensor_parallel_size") or item.get("tensor_parallel_size") or 1)
+        pp = int(world.get("pipeline_parallel_size") or 1)
+        if not content or (tp == 1 and pp == 1):
             continue
         try:
             config = json.loads(base64.b64decode(content))
@@ -503,11 +775,23 @@ def check_heads(results: list[dict[str, Any]], host: str) -> list[str]:
         kv_heads = config.get("num_key_value_heads", heads)
         for field, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
             if isinstance(value, int) and value % tp:
+                across = (
+                    f" ({item['tensor_parallel_size']} per host x {tp // int(item['tensor_parallel_size'] or 1)} hosts)"
+                    if item.get("node")
+                    else ""
+                )
                 raise _fail(
                     host,
                     f"vllm_models ({item['model']}).tensor_parallel_size",
-                    f"{tp} does not divide the model's {field} ({value}); use a divisor of {value}",
+                    f"{tp}{across} does not divide the model's {field} ({value}); use a divisor of {value}",
                 )
+        layers = config.get("num_hidden_layers")
+        if isinstance(layers, int) and layers % pp:
+            raise _fail(
+                host,
+                f"vllm_models ({item['model']}).pipeline_parallel_size",
+                f"{pp} does not divide the model's num_hidden_layers ({layers}); use a divisor of {layers}",
+            )
         checked.append(item["model"])
     return checked
 
@@ -608,6 +892,7 @@ def environment_value(value: Any) -> str:
 # `docker inspect` output. The rest of the environment is passed by name from the wrapper
 # unit's own environment (`--env NAME`), so no value shows in a command line either.
 CONTAINER_SECRET = "/run/secrets/vllm-api-key"
+CONTAINER_LAUNCHER = "/usr/local/libexec/vllm-launch"
 # Every container the role runs: no capabilities, no privilege gain, and only an image the host
 # already holds (a pull would reach a registry mid-rollout).
 CONTAINER_CONFINEMENT = ["--pull=never", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
@@ -637,6 +922,7 @@ def container_argv(
     start_timeout: int = 1800,
     docker: str = "/usr/bin/docker",
     python: str = "python3",
+    launcher: str = "",
 ) -> list[str]:
     """`docker run` for one instance, run in the foreground by its systemd unit (which owns
     restarts, the health gate and logs). Host networking keeps every socket where the venv
@@ -651,9 +937,10 @@ def container_argv(
     # as the kernel allows; daemon.json "default-ulimits" to change), and an engine without
     # CAP_SYS_RESOURCE (Docker in Docker) cannot raise them per container.
     argv += ["--stop-timeout", "80"]
-    probe = f"import urllib.request as u; u.urlopen('{instance['health_url']}', timeout=5)"
-    argv += ["--health-cmd", f'{python} -c "{probe}"', "--health-interval", "30s", "--health-timeout", "10s"]
-    argv += ["--health-start-period", f"{int(start_timeout)}s"]
+    if instance["health_url"]:
+        probe = f"import urllib.request as u; u.urlopen('{instance['health_url']}', timeout=5)"
+        argv += ["--health-cmd", f'{python} -c "{probe}"', "--health-interval", "30s", "--health-timeout", "10s"]
+        argv += ["--health-start-period", f"{int(start_timeout)}s"]
     if instance["gpus"]:
         argv += ["--gpus", '"device=' + ",".join(str(g) for g in instance["gpus"]) + '"']
     if instance.get("cpus"):
@@ -663,7 +950,13 @@ def container_argv(
     argv += ["--volume", f"{instance['model_path']}:{instance['model_path']}:ro"]
     argv += [arg for path in writable for arg in ("--volume", f"{path}:{path}:rw")]
     argv += ["--volume", f"{key_file}:{CONTAINER_SECRET}:ro"]
+    node = instance.get("node")
+    if node:
+        # One host of a group: vllm-launch (mounted from the host) runs `vllm serve` and the watch.
+        argv += ["--volume", f"{launcher}:{CONTAINER_LAUNCHER}:ro"]
     argv += ["--entrypoint", "/bin/sh", image, "-c", CONTAINER_ENTRYPOINT, "vllm"]
+    if node:
+        return [*argv, python, CONTAINER_LAUNCHER, *launch_args(node), *instance["args"]]
     return [*argv, python, "-m", "vllm.entrypoints.openai.api_server", *instance["args"]]
 
 
@@ -732,8 +1025,11 @@ def gateway_servers(names: list[str], hostvars: Any, gateway: str) -> list[dict[
         hv = hostvars[name]
         if "vllm_plan" not in hv:
             raise AnsibleFilterError(f"host {name}: no instance plan; run the gateway through site.yml so preflight plans every host")
-        plan = hv["vllm_plan"]
+        # A group's followers serve through their leader: the gateway sees one instance.
+        plan = [i for i in hv["vllm_plan"] if i.get("role") != "follower"]
         if not plan:
+            # Nothing to route to here (only followers), but the host is still a serving host.
+            servers.append({"host": name, "address": "", "plan": []})
             continue
         listen = str(plan[0]["listen_address"])
         if listen in ("0.0.0.0", "::"):
@@ -804,7 +1100,8 @@ def instance_changes(instances: list[dict[str, Any]], active: list[str], *change
     for i, (inst, state) in enumerate(zip(instances, active, strict=True)):
         touched = any(kind[i] for kind in kinds if kind)
         kind = "new" if state.strip() != "active" else "changed" if touched else "same"
-        out.append({"name": inst["name"], "model": inst["model"], "state": kind})
+        node = inst.get("node") or {}
+        out.append({"name": inst["name"], "model": inst["model"], "state": kind, "group": node.get("group"), "role": node.get("role")})
     return out
 
 
@@ -829,41 +1126,71 @@ def rollout_batches(hosts: list[str], hostvars: Any, gateways: list[str], batch:
     same list from the same hostvars, so all of them walk it in step.
     """
     changes = {h: list(hostvars[h].get("__vllm_changes") or []) for h in hosts}
-    totals: dict[str, int] = {}
+    # The hosts of a group serve one instance: a change on one restarts it on all of them.
+    regrouped = {i["group"] for h in hosts for i in changes[h] if i.get("group") and i["state"] == "changed"}
+    changes = {
+        h: [{**i, "state": "changed"} if i.get("group") in regrouped and i["state"] == "same" else i for i in v] for h, v in changes.items()
+    }
+
+    def key(host: str, inst: dict[str, Any]) -> tuple[str, str]:
+        # An instance served by a group of hosts is one instance wherever it appears.
+        return (inst["model"], f"group {inst['group']}" if inst.get("group") else f"{host}/{inst['name']}")
+
+    totals: dict[str, set[tuple[str, str]]] = {}
     for host in hosts:
         for inst in changes[host]:
-            totals[inst["model"]] = totals.get(inst["model"], 0) + 1
+            totals.setdefault(inst["model"], set()).add(key(host, inst))
     groups: list[list[dict[str, Any]]] = []
     if gateways:
-        queues: dict[str, list[dict[str, Any]]] = {}
+        queues: dict[str, dict[tuple[str, str], list[dict[str, Any]]]] = {}
         for host in hosts:
             for inst in changes[host]:
                 if inst["state"] == "changed":
-                    queues.setdefault(inst["model"], []).append({"host": host, "name": inst["name"], "model": inst["model"]})
+                    entry = {"host": host, "name": inst["name"], "model": inst["model"]}
+                    entry |= {"group": inst.get("group"), "role": inst.get("role")}
+                    queues.setdefault(inst["model"], {}).setdefault(key(host, inst), []).append(entry)
         for model, queue in queues.items():
-            size = _step(batch, totals[model])
-            for k in range(0, len(queue), size):
+            size = _step(batch, len(totals[model]))
+            units = list(queue.values())
+            for k in range(0, len(units), size):
                 if k // size == len(groups):
                     groups.append([])
-                groups[k // size].extend(queue[k : k + size])
+                groups[k // size].extend(e for unit in units[k : k + size] for e in unit)
     else:
+        # Whole hosts change, `serial` at a time; the hosts of a group count as one and change together.
         touched = [h for h in hosts if any(i["state"] == "changed" for i in changes[h])]
+        clusters: list[list[str]] = []
+        for h in touched:
+            mine = {i.get("group") for i in changes[h] if i["state"] == "changed" and i.get("group")}
+            home = next((c for c in clusters if any(mine & {i.get("group") for i in changes[o] if i.get("group")} for o in c)), None)
+            if home is None:
+                clusters.append([h])
+            else:
+                home.append(h)
         size = _step(serial, len(hosts))
         groups = [
             [
-                {"host": h, "name": i["name"], "model": i["model"]}
-                for h in touched[k : k + size]
+                {"host": h, "name": i["name"], "model": i["model"], "group": i.get("group"), "role": i.get("role")}
+                for cluster in clusters[k : k + size]
+                for h in cluster
                 for i in changes[h]
                 if i["state"] == "changed"
             ]
-            for k in range(0, len(touched), size)
+            for k in range(0, len(clusters), size)
         ]
     out = []
     for group in groups:
-        counts: dict[str, int] = {}
+        units: dict[str, set[tuple[str, str]]] = {}
         for inst in group:
-            counts[inst["model"]] = counts.get(inst["model"], 0) + 1
-        out.append({"instances": group, "unavailable": sorted(m for m, n in counts.items() if n >= totals[m])})
+            units.setdefault(inst["model"], set()).add(key(inst["host"], inst))
+        spanning = sorted({i["group"] for i in group if i.get("group")})
+        out.append(
+            {
+                "instances": group,
+                "unavailable": sorted(m for m, n in units.items() if len(n) >= len(totals[m])),
+                "groups": spanning,
+            }
+        )
     return out
 
 
@@ -892,11 +1219,12 @@ def firewall_ports(instances: list[dict[str, Any]], manifest: str, configured: l
     """Ports the firewall covers: the planned instances', and those of instances still configured
     on the host that the plan dropped (`manifest`: the last run's instances.json, base64)."""
     planned = {i["name"] for i in instances}
+    instances = [i for i in instances if i.get("port") is not None]
     try:
         last = json.loads(base64.b64decode(manifest)) if manifest else []
     except ValueError:
         last = []
-    leaving = [i["port"] for i in last if isinstance(i, dict) and i.get("name") in set(configured) - planned and "port" in i]
+    leaving = [i["port"] for i in last if isinstance(i, dict) and i.get("name") in set(configured) - planned and i.get("port")]
     return sorted({int(i["port"]) for i in instances} | {int(p) for p in leaving})
 
 
@@ -941,4 +1269,7 @@ class FilterModule:
             "vllm_firewall_ports": firewall_ports,
             "vllm_gateway_routes": gateway_routes,
             "vllm_gateway_instances": gateway_instances,
+            "vllm_node_groups": node_groups,
+            "vllm_launch_args": launch_args,
+            "vllm_node_group_errors": node_group_errors,
         }

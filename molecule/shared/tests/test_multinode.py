@@ -1,0 +1,120 @@
+"""One instance served by a group of hosts (molecule/multi_node): tensor parallel across two
+hosts, reached through the gateway as one instance; the group's ports reachable from the group
+only; a follower that stops takes the model down (503, not a hang) and brings it back when it
+starts again, without an operator."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import GATEWAY_HOSTS, SCENARIO, SERVING_HOSTS, chat, default_address, host_named, unit_state
+
+pytestmark = pytest.mark.skipif(SCENARIO != "multi_node", reason="the multi-host layout runs in molecule/multi_node")
+testinfra_hosts = GATEWAY_HOSTS[:1]
+
+
+@pytest.fixture(scope="module")
+def group():
+    """[(host, its instance)] in node-rank order: the leader first."""
+    out = []
+    for name in SERVING_HOSTS:
+        (inst,) = json.loads(host_named(name).file("/etc/vllm/instances.json").content_string)
+        out.append((host_named(name), inst))
+    return sorted(out, key=lambda pair: pair[1]["node"]["node_rank"])
+
+
+def post(host, key: str, body: dict, *, auth: bool = True, stream: bool = False) -> tuple[int, str]:
+    cmd = "curl -sS --max-time 120 -o /dev/stderr -w '%{http_code}' -H 'Content-Type: application/json'"
+    cmd += f" --data-binary '{json.dumps(body)}'" + (f" -H 'Authorization: Bearer {key}'" if auth else "") + (" -N" if stream else "")
+    result = host.run(f"{cmd} http://127.0.0.1/v1/chat/completions")
+    assert result.rc == 0, result.stderr
+    return int(result.stdout), result.stderr
+
+
+def test_multinode_one_model_over_two_hosts_answers_through_the_gateway(host, group, api_key):
+    (leader_host, leader), (follower_host, follower) = group
+    assert (leader["node"]["role"], follower["node"]["role"]) == ("leader", "follower")
+    model = leader["model"]
+    status, body = post(host, api_key, chat(model, max_tokens=8))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"], body
+    status, body = post(host, api_key, chat(model, max_tokens=8, stream=True), stream=True)
+    assert status == 200 and body.rstrip().endswith("data: [DONE]"), body
+    assert post(host, api_key, chat(model), auth=False)[0] == 401
+    # Both hosts run a rank of it: vLLM's own launcher, the follower headless and without an API.
+    for server, inst, rank in ((leader_host, leader, "0"), (follower_host, follower, "1")):
+        cmdline = server.check_output(f"systemctl show -p ExecStart vllm@{inst['name']}")
+        assert "--nnodes 2" in cmdline and f"--node-rank {rank}" in cmdline and "--tensor-parallel-size 2" in cmdline, cmdline
+        assert ("--headless" in cmdline) == (rank == "1")
+        assert api_key not in server.check_output("ps -eo args"), "the key is on a command line"
+    assert follower["port"] is None and follower["health_url"] is None
+    follower_api = follower_host.run("ss -Hltn 'sport = :8000'").stdout
+    assert follower_api.strip() == "", f"the follower listens on the API port: {follower_api}"
+
+
+def listeners(server, unit: str) -> list[tuple[str, int]]:
+    """Every TCP socket the unit's processes listen on, but loopback: (address, port). `ss -e`
+    names each socket's cgroup, so the unit's sockets are found without reading its processes."""
+    out = []
+    for line in server.check_output("ss -Hltne").splitlines():
+        if not any(field.startswith("cgroup:") and field.endswith(f"/{unit}") for field in line.split()):
+            continue
+        address, port = line.split()[3].rsplit(":", 1)
+        if not address.startswith("127.") and address != "[::1]":
+            out.append((address.strip("[]"), int(port)))
+    return sorted(set(out))
+
+
+def reaches(client, address: str, port: int) -> bool:
+    return client.run(f"timeout 5 bash -c '</dev/tcp/{address}/{port}'").rc == 0
+
+
+def test_multinode_group_ports_are_reachable_from_the_group_only(host, group):
+    (leader_host, leader), (follower_host, follower) = group
+    api = leader["port"]
+    for server, inst, peer in ((leader_host, leader, follower_host), (follower_host, follower, leader_host)):
+        address = inst["node"]["address"]
+        opened = listeners(server, f"vllm@{inst['name']}.service")
+        assert opened, "the unit listens on nothing outside loopback"
+        print(server.backend.host, opened)
+        for bound, port in opened:
+            target = address if bound in ("0.0.0.0", "::", "*") else bound
+            if port == api and server is leader_host:
+                assert reaches(host, target, port), "the gateway cannot reach the leader's API"
+                continue
+            assert not reaches(host, target, port), f"{target}:{port} of {server.backend.host} answers the gateway host"
+            assert reaches(peer, target, port), f"{target}:{port} of {server.backend.host} does not answer its peer"
+    # The range the firewall gives the group starts at the rendezvous port, on the leader.
+    assert leader["node"]["rendezvous_port"] in {port for _, port in listeners(leader_host, f"vllm@{leader['name']}.service")}
+    assert default_address(follower_host) == follower["node"]["address"]
+
+
+def wait_for(check, timeout: float, every: float = 3) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_multinode_a_stopped_follower_takes_the_model_down_and_its_start_brings_it_back(host, group, api_key):
+    (leader_host, leader), (follower_host, follower) = group
+    unit = f"vllm@{follower['name']}.service"
+    before = int(unit_state(leader_host, unit)["NRestarts"])
+    model = leader["model"]
+    follower_host.check_output(f"systemctl stop {unit}")
+    try:
+        # The leader leaves with the follower (vllm-launch's watch): no request waits for a dead rank.
+        assert wait_for(lambda: leader_host.run(f"curl -s -o /dev/null -w '%{{http_code}}' {leader['health_url']}").stdout != "200", 60)
+        # The gateway's answer when no instance of a model can be reached (nothing else serves it here).
+        status, body = post(host, api_key, chat(model, max_tokens=2))
+        assert status in (502, 503) and "No instance of the model" in body, (status, body)
+        journal = leader_host.check_output(f"journalctl -u {unit} --no-pager --output cat --since '-5min'")
+        assert "left the group" in journal, journal[-2000:]
+    finally:
+        follower_host.check_output(f"systemctl start {unit}")
+    # Nobody touches the leader: its unit starts it again until the group has formed.
+    assert wait_for(lambda: post(host, api_key, chat(model, max_tokens=2))[0] == 200, 600, every=5), "the model did not come back"
+    assert int(unit_state(leader_host, unit)["NRestarts"]) > before
