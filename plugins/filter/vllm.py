@@ -47,6 +47,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "nodes": None,
     "pipeline_parallel_size": 1,
     "rendezvous_port": None,
+    "distributed_backend": "mp",
 }
 # vLLM's own default share of each GPU's memory.
 VLLM_DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -70,7 +71,7 @@ MANAGED_FLAGS = {
     "--headless": "set the model's nodes: every host of the group but the first runs headless",
     "--master-addr": "set the model's nodes: the first host of the group leads",
     "--master-port": "set the model's rendezvous_port (or vllm_rendezvous_port)",
-    "--distributed-executor-backend": "a group of hosts runs vLLM's own multi-node launcher (mp); Ray is not planned",
+    "--distributed-executor-backend": "set the model's distributed_backend (mp: vLLM's own multi-node launcher, or ray)",
 }
 # Flags the model's own fields render; given in extra_args as well they would be given twice.
 FIELD_FLAGS = {
@@ -94,9 +95,24 @@ MANAGED_ENV = {
     "CUDA_VISIBLE_DEVICES": "GPUs are planned; pin a model with its `gpus` list",
     **{name: "instances keep vLLM's internal sockets on loopback" for name in LOOPBACK_ENV},
 }
-# A group's leader listens for its peers on the rendezvous port (torch's store), and vLLM's message
-# queues take the next ports up from it (VLLM_PORT); the firewall covers this many.
+# A group's leader listens for its peers on the rendezvous port (torch's store, or Ray's GCS), and
+# vLLM's message queues take the next ports up from it (VLLM_PORT); the firewall covers this many,
+# the last of them the watch (vllm-launch). Ray's daemons and workers take fixed ports of a wider
+# range, so that nothing Ray opens is outside what the firewall admits from the group only.
 NODE_PORTS = 32
+RAY_NODE_PORTS = 64
+# Offsets from the rendezvous port of what each host's Ray node listens on (vLLM's own: 1-15).
+RAY_PORT_OFFSETS = {
+    "--node-manager-port": 16,
+    "--object-manager-port": 17,
+    "--dashboard-agent-grpc-port": 18,
+    "--dashboard-agent-listen-port": 19,
+    "--metrics-export-port": 20,
+    "--runtime-env-agent-port": 21,
+    "--min-worker-port": 22,  # the driver and every worker process (one per GPU, more on restarts)
+    "--max-worker-port": RAY_NODE_PORTS - 2,
+}
+DISTRIBUTED_BACKENDS = ("mp", "ray")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 FLAGS_DIR = posixpath.join(posixpath.dirname(posixpath.abspath(__file__)), "vllm_serve_flags")
 
@@ -297,6 +313,15 @@ def _validate_model(host: str, index: int, model: dict[str, Any], flags: dict[st
             f"{where}.pipeline_parallel_size",
             f"{model['pipeline_parallel_size']} stages need several hosts; accepted: 1, or a `nodes` group whose host count it divides",
         )
+    backend = model["distributed_backend"]
+    if backend not in DISTRIBUTED_BACKENDS:
+        raise _fail(host, f"{where}.distributed_backend", f"{_shown(backend)} is refused; accepted: mp or ray")
+    if backend != "mp" and model["nodes"] is None:
+        raise _fail(
+            host,
+            f"{where}.distributed_backend",
+            f"{backend} spans a group of hosts; accepted: mp (the default) for a model on one host, or a `nodes` group",
+        )
     util = model.get("gpu_memory_utilization")
     if util is not None and not (isinstance(util, (int, float)) and not isinstance(util, bool) and 0 < util <= 1):
         raise _fail(host, f"{where}.gpu_memory_utilization", f"{_shown(util)} is refused; accepted: a number in (0, 1], without quotes")
@@ -380,13 +405,15 @@ def plan_instances(
     version: str | None = None,
     node_groups: dict[str, list[dict[str, Any]]] | None = None,
     rendezvous_port: int = 29500,
+    device: str = "cuda",
 ) -> list[dict[str, Any]]:
     """Expand models x replicas into this host's instances: name, port, GPUs, argv, env.
 
     A model with `nodes` is one instance served by the hosts of that inventory group together
     (`node_groups`: each group's hosts in inventory order with the address and interface they
     reach each other on): the first leads (its API is the one the gateway sees), the others run
-    headless and listen on no API port.
+    headless and listen on no API port (with distributed_backend ray: the leader runs Ray's head
+    and `vllm serve`, the others a Ray worker node each, and no vLLM of their own).
     `gpus` is the host's GPU indices (the operator's override) or its GPU facts (nvidia_gpu_facts,
     which add NVLink/PCIe topology and NUMA affinity); None means a host without GPUs (the CPU
     build), where no GPU is pinned. Tensor-parallel instances get the best-connected free GPUs and
@@ -427,6 +454,12 @@ def plan_instances(
         if other != model["source"] and src["kind"] != "host":
             raise _fail(host, f"vllm_models ({model['name']}).source", f"{model['source']!r} and {other!r} would both be stored in {path}")
         model["path"] = path
+        if model["distributed_backend"] == "ray" and device == "cpu":
+            raise _fail(
+                host,
+                f"vllm_models ({model['name']}).distributed_backend",
+                "ray is refused: the CPU build of vLLM does not support Ray; accepted: mp (vLLM's own multi-node launcher)",
+            )
 
     reserved = set(reserved_ports or [])
     gpus, gpu_facts = _normalise_gpus(gpus)
@@ -500,6 +533,10 @@ def plan_instances(
                     instance_env.update({"GLOO_SOCKET_IFNAME": node["interface"], "NCCL_SOCKET_IFNAME": node["interface"]})
                 at = args.index("--tensor-parallel-size")
                 args = args[:at] + args[at + 2 :] + node_args(node)
+                if node["backend"] == "ray":
+                    instance_env["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray asks to phone home otherwise
+                    if node["role"] == "follower":
+                        args = []  # a Ray worker node: vLLM runs on the leader only, its workers here
             if free_gpus is not None:
                 instance_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in assigned)
             health_host = "127.0.0.1" if listen_address in ("0.0.0.0", "::") else listen_address
@@ -534,14 +571,14 @@ def plan_instances(
             if not follower:
                 port += 1
     for node in nodes.values():
-        span = range(node["rendezvous_port"], node["rendezvous_port"] + NODE_PORTS)
+        span = range(node["rendezvous_port"], node["watch_port"] + 1)
         taken = sorted({i["port"] for i in instances if i["port"] in span} | (reserved & set(span)))
         if taken:
             raise _fail(
                 host,
                 "vllm_rendezvous_port",
                 f"{node['rendezvous_port']}: the ports {span.start}-{span.stop - 1} of group {node['group']!r} hold port(s) "
-                f"{', '.join(map(str, taken))} planned or reserved here; accepted: a rendezvous port {NODE_PORTS} ports clear of them",
+                f"{', '.join(map(str, taken))} planned or reserved here; accepted: a rendezvous port {len(span)} ports clear of them",
             )
     for gpu, users in sorted(shared_use.items()):
         total = sum(u for _, u in users)
@@ -598,11 +635,13 @@ def _node_plan(model: dict[str, Any], host: str, groups: dict[str, list[dict[str
             )
     rank = names.index(host)
     port = model["rendezvous_port"] if model["rendezvous_port"] is not None else rendezvous
-    if not _whole(port, 1024) or port > 65535 - NODE_PORTS:
+    backend = model["distributed_backend"]
+    width = RAY_NODE_PORTS if backend == "ray" else NODE_PORTS
+    if not _whole(port, 1024) or port > 65535 - width:
         raise _fail(
             host,
             f"vllm_models ({name}).rendezvous_port",
-            f"{_shown(port)} is refused; accepted: a whole number from 1024 to {65535 - NODE_PORTS}",
+            f"{_shown(port)} is refused; accepted: a whole number from 1024 to {65535 - width} (group {group!r} takes {width} ports)",
         )
     return {
         "group": group,
@@ -617,7 +656,8 @@ def _node_plan(model: dict[str, Any], host: str, groups: dict[str, list[dict[str
         "peers": [m["address"] for m in members if m["host"] != host],
         "rendezvous_port": port,
         # The last port of the range: where the group's hosts watch each other (vllm-launch).
-        "watch_port": port + NODE_PORTS - 1,
+        "watch_port": port + width - 1,
+        "backend": backend,
         "tensor_parallel_total": tp * nnodes // pp,
         "pipeline_parallel_size": pp,
     }
@@ -625,9 +665,11 @@ def _node_plan(model: dict[str, Any], host: str, groups: dict[str, list[dict[str
 
 def node_args(node: dict[str, Any]) -> list[str]:
     """vLLM's flags for one host of a group, after the instance's own: the sizes over the whole
-    group and vLLM's own multi-node launcher (every host starts `vllm serve`, all but the leader
-    headless)."""
+    group, then either vLLM's own multi-node launcher (every host starts `vllm serve`, all but the
+    leader headless) or Ray (the leader's vLLM places its workers on the group's Ray nodes)."""
     args = ["--tensor-parallel-size", str(node["tensor_parallel_total"]), "--pipeline-parallel-size", str(node["pipeline_parallel_size"])]
+    if node["backend"] == "ray":
+        return [*args, "--distributed-executor-backend", "ray"]
     args += ["--nnodes", str(node["nnodes"]), "--node-rank", str(node["node_rank"])]
     args += ["--master-addr", node["leader_address"], "--master-port", str(node["rendezvous_port"])]
     return args + (["--headless"] if node["role"] == "follower" else [])
@@ -666,14 +708,37 @@ NODE_LOCAL_FIELDS = ("env",)
 NODE_SHARED_SETTINGS = ("vllm_version", "vllm_device", "vllm_runtime", "vllm_image")
 
 
-def launch_args(node: dict[str, Any]) -> list[str]:
+def ray_start_args(node: dict[str, Any], gpus: list[int]) -> list[str]:
+    """`ray start` for one host of a group (distributed_backend ray): the head on the leader, its
+    GCS on the rendezvous port, a worker node elsewhere; every port Ray opens fixed inside the
+    group's range, no dashboard, no usage report, in the foreground (the unit holds it). A host's
+    GPUs (when known: after the driver) are given as its Ray GPUs, and as many CPUs, which bounds
+    the idle workers Ray starts ahead to the worker ports it has."""
+    port = node["rendezvous_port"]
+    if node["role"] == "leader":
+        args = ["--head", f"--port={port}", "--include-dashboard=false"]
+    else:
+        args = [f"--address={_url_host(node['leader_address'])}:{port}"]
+    args.append(f"--node-ip-address={node['address']}")
+    args += [f"{flag}={port + offset}" for flag, offset in RAY_PORT_OFFSETS.items()]
+    if gpus:
+        args += [f"--num-gpus={len(gpus)}", f"--num-cpus={len(gpus)}"]
+    return [*args, "--disable-usage-stats", "--block"]
+
+
+def launch_args(instance: dict[str, Any]) -> list[str]:
     """vllm-launch's own arguments for one host of a group: where it listens for its peers, whom
-    it watches (the leader every follower, a follower the leader), and `--` before vLLM's."""
+    it watches (the leader every follower, a follower the leader), this host's Ray node (Ray
+    groups), and `--` before vLLM's."""
+    node = instance["node"]
     watch = node["watch_port"]
     peers = node["peers"] if node["role"] == "leader" else [node["leader_address"]]
     args = ["--watch", f"{_url_host(node['address'])}:{watch}"]
     for peer in peers:
         args += ["--peer", f"{_url_host(peer)}:{watch}"]
+    if node["backend"] == "ray":
+        args += ["--ray-address", f"{_url_host(node['leader_address'])}:{node['rendezvous_port']}"]
+        args += [f"--ray={arg}" for arg in ray_start_args(node, instance["gpus"])]
     return [*args, "--"]
 
 
@@ -956,7 +1021,7 @@ def container_argv(
         argv += ["--volume", f"{launcher}:{CONTAINER_LAUNCHER}:ro"]
     argv += ["--entrypoint", "/bin/sh", image, "-c", CONTAINER_ENTRYPOINT, "vllm"]
     if node:
-        return [*argv, python, CONTAINER_LAUNCHER, *launch_args(node), *instance["args"]]
+        return [*argv, python, CONTAINER_LAUNCHER, *launch_args(instance), *instance["args"]]
     return [*argv, python, "-m", "vllm.entrypoints.openai.api_server", *instance["args"]]
 
 

@@ -14,6 +14,7 @@ from vllm import (
     AnsibleFilterError,
     check_heads,
     gateway_servers,
+    launch_args,
     node_group_errors,
     node_groups,
     plan_instances,
@@ -84,6 +85,49 @@ def test_a_follower_takes_no_port_and_the_host_keeps_its_own_instances():
     assert leader["env"]["VLLM_PORT"] == "29501"
 
 
+def ray_of(inst: dict) -> list[str]:
+    """The `ray start` arguments vllm-launch gets for an instance (each as --ray=ARG)."""
+    return [a.removeprefix("--ray=") for a in launch_args(inst) if a.startswith("--ray=")]
+
+
+def test_ray_pipeline_parallel_across_four_h100_hosts():
+    """Ray: the leader runs Ray's head and vLLM (tp 8 x pp 4 through Ray), every other host a
+    Ray worker node and no vLLM; every port Ray is told to open is inside the group's range,
+    clear of vLLM's own (VLLM_PORT up) and of the watch."""
+    group = {"llama_405b": members("gpu-a", "gpu-b", "gpu-c", "gpu-d")}
+    model = big(tensor_parallel_size=8, pipeline_parallel_size=4, distributed_backend="ray", rendezvous_port=30000)
+    leader, worker = (plan_instances([model], h, gpus=H100, node_groups=group, listen_address="10.0.0.99")[0] for h in ("gpu-a", "gpu-c"))
+    assert leader["world"] == {"tensor_parallel_size": 8, "pipeline_parallel_size": 4}
+    args = leader["args"]
+    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+    assert args[args.index("--tensor-parallel-size") + 1] == "8" and args[args.index("--pipeline-parallel-size") + 1] == "4"
+    for flag in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--headless"):
+        assert flag not in args, f"{flag} is vLLM's own launcher's, not Ray's"
+    assert worker["args"] == [] and worker["port"] is None and worker["health_url"] is None, "a Ray worker node runs no vLLM"
+    assert leader["health_url"] == "http://10.0.0.99:8000/health"
+    head, node = ray_of(leader), ray_of(worker)
+    assert head[0] == "--head" and "--port=30000" in head and "--include-dashboard=false" in head
+    assert "--address=10.0.0.11:30000" in node and "--head" not in node
+    assert "--node-ip-address=10.0.0.11" in head and "--node-ip-address=10.0.0.13" in node
+    for ray in (head, node):
+        assert ray[-2:] == ["--disable-usage-stats", "--block"] and "--num-gpus=8" in ray
+        ports = {a.split("=")[0]: int(a.split("=")[1]) for a in ray if a.endswith(tuple("0123456789")) and "port" in a.split("=")[0]}
+        assert all(30016 <= p <= 30062 for name, p in ports.items() if name != "--port"), ports
+        assert len(set(ports.values())) == len(ports), "two of Ray's ports are one"
+    assert leader["node"]["watch_port"] == 30063 and leader["env"]["VLLM_PORT"] == "30001"
+    assert launch_args(leader)[launch_args(leader).index("--ray-address") + 1] == "10.0.0.11:30000"
+    for inst in (leader, worker):
+        assert inst["env"]["RAY_USAGE_STATS_ENABLED"] == "0" and inst["env"]["VLLM_HOST_IP"] == inst["node"]["address"]
+        assert inst["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+
+
+def test_mp_groups_pass_no_ray_arguments():
+    group = {"pair": members("cpu-1", "cpu-2")}
+    (inst,) = plan_instances([{"name": "m", "source": "/models/m", "nodes": "pair"}], "cpu-1", node_groups=group, device="cpu")
+    assert inst["node"]["backend"] == "mp" and ray_of(inst) == [] and "--ray-address" not in launch_args(inst)
+    assert inst["node"]["watch_port"] == 29531 and "RAY_USAGE_STATS_ENABLED" not in inst["env"]
+
+
 @pytest.mark.parametrize(
     ("model", "host", "groups", "message"),
     [
@@ -123,11 +167,35 @@ def test_a_follower_takes_no_port_and_the_host_keeps_its_own_instances():
             {"llama_405b": members("gpu-a", "gpu-b")},
             r"host gpu-a: vllm_rendezvous_port: 8000: the ports 8000-8031",
         ),
+        (
+            big(rendezvous_port=7970, distributed_backend="ray"),
+            "gpu-a",
+            {"llama_405b": members("gpu-a", "gpu-b")},
+            r"host gpu-a: vllm_rendezvous_port: 7970: the ports 7970-8033 of group 'llama_405b' hold port\(s\) 8000",
+        ),
+        (
+            big(rendezvous_port=65480, distributed_backend="ray"),
+            "gpu-a",
+            {"llama_405b": members("gpu-a", "gpu-b")},
+            r"\.rendezvous_port: 65480 is refused; accepted: a whole number from 1024 to 65471 \(group 'llama_405b' takes 64 ports\)",
+        ),
+        (big(distributed_backend="rays"), "gpu-a", {}, r"\.distributed_backend: \"rays\" is refused; accepted: mp or ray"),
+        ({"name": "m", "source": "/m", "distributed_backend": "ray"}, "gpu-a", {}, r"\(m\)\.distributed_backend: ray spans a group"),
     ],
 )
 def test_refusals_name_the_host_and_the_field(model, host, groups, message):
     with pytest.raises(AnsibleFilterError, match=message):
         plan_instances([model], host, node_groups=groups, gpus=list(range(8)))
+
+
+def test_ray_is_refused_on_the_cpu_build():
+    with pytest.raises(AnsibleFilterError, match=r"host cpu-1: vllm_models \(m\)\.distributed_backend: ray is refused: the CPU build"):
+        plan_instances(
+            [{"name": "m", "source": "/m", "nodes": "pair", "distributed_backend": "ray"}],
+            "cpu-1",
+            node_groups={"pair": members("cpu-1", "cpu-2")},
+            device="cpu",
+        )
 
 
 def test_a_group_serves_one_model():

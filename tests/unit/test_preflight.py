@@ -55,6 +55,7 @@ def server_refusals(case: dict[str, Any], host: str, model: str, gateways: list[
         nccl_env=hv.get("vllm_nccl_env", {}),
         env=hv.get("vllm_env", {}),
         version=hv.get("vllm_version", "0.32.0"),
+        device=hv.get("vllm_device", "cuda"),
     )
     if planned["error"]:
         return [*errors, planned["error"]], None
