@@ -97,12 +97,6 @@ ensure_wheelhouse() {
     -e "vllm_wheelhouse_python_version=$TEST_PYTHON_VERSION" -e vllm_extra_index_url=)
 }
 
-# The njs engine nginx runs the gateway's router with, for its unit tests.
-ensure_njs() { apt_install njs; }
-
-# Debian's chromium for the browser checks (CORS, the Prometheus screenshot), driven by Playwright.
-ensure_browser() { apt_install chromium; }
-
 # A random-weight Llama small enough for a CPU, with a tokenizer trained here.
 ensure_model() {
   [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0
@@ -112,13 +106,18 @@ ensure_model() {
 
 # The stand-in for vllm/vllm-openai that the docker runtime's scenario loads from an archive, as an
 # air-gapped site would: built from the test hosts' image and the wheelhouse, saved by the
-# bundle's own playbooks/image.yml. Rebuilt only when its recipe changes.
-ensure_vllm_image() {
+# bundle's own playbooks/image.yml. Rebuilt only when its recipe changes. Its name and archive
+# (which molecule/docker reads) are set by ensure_all; only the docker scenario needs it built.
+vllm_image_names() {
   local recipe
   recipe=$(printf '%s\n' "$VLLM_ANSIBLE_IMAGE" "$TEST_VLLM_VERSION" "$(cat "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile")" |
     sha256sum | cut -c1-12)
   export VLLM_ANSIBLE_VLLM_IMAGE=vllm-cpu-test:$recipe
   export VLLM_ANSIBLE_VLLM_ARCHIVE=$CACHE_DIR/images/vllm-cpu-test-$recipe.tar
+}
+
+ensure_vllm_image() {
+  vllm_image_names
   # Earlier recipes' images and archives (about 4 GB each) go.
   docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-cpu-test | { grep -vx "$VLLM_ANSIBLE_VLLM_IMAGE" || true; } |
     xargs -r docker image rm >/dev/null
@@ -131,7 +130,8 @@ ensure_vllm_image() {
   fi
   mkdir -p "$CACHE_DIR/images"
   (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
-    -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE" >/dev/null)
+    -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE.part" >/dev/null)
+  mv "$VLLM_ANSIBLE_VLLM_ARCHIVE.part" "$VLLM_ANSIBLE_VLLM_ARCHIVE"
   # The scenario loads the archive inside its own host's engine: this engine's copy is 4 GB of
   # disk nothing reads.
   docker image rm "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null
@@ -151,12 +151,22 @@ ensure_disk() {
   return 1
 }
 
+# Every Debian package the set-up needs, in one apt run (one index update instead of one per step):
+# njs (the engine nginx runs the gateway's router with, for its unit tests), chromium (the browser
+# checks: CORS, the Prometheus screenshot, driven by Playwright), debootstrap (the test-host image)
+# and, where none is installed, the Docker engine.
+ensure_packages() {
+  local packages=(njs chromium debootstrap)
+  command -v dockerd >/dev/null 2>&1 || packages+=(docker.io)
+  apt_install "${packages[@]}"
+}
+
 ensure_all() {
-  ensure_njs
+  ensure_packages
   ensure_venv
   ensure_docker
   ensure_image
   ensure_wheelhouse
-  ensure_vllm_image
   ensure_model
+  vllm_image_names
 }
