@@ -325,25 +325,41 @@ print(json.dumps({"status": response.status, "reads": len(reads), "events": len(
 
 def test_stream_arrives_as_it_is_generated(host, gw, plans):
     """Measured against the same stream read straight from the instance: a buffering proxy would
-    deliver it in few reads, late, bunched at the end."""
+    deliver it in few reads, late, bunched at the end. The tiny model writes its 200 tokens in
+    about 0.3 s, so a host busy with other work can hold nginx back long enough to bunch one
+    stream; a buffering proxy bunches every one: up to three tries, the first good one counts."""
     server, inst = every_instance(plans)[0]
     body = json.dumps(chat(inst["model"], stream=True, max_tokens=200, ignore_eos=True, stream_options={"include_usage": True}))
     script = base64.b64encode(STREAM_READER.encode()).decode()
     host.check_output(f"echo {script} | base64 -d > /tmp/stream_reader.py")
     port = host.ansible.get_variables().get("gateway_listen_port", 80)
-    via_gateway = json.loads(host.check_output(f"python3 /tmp/stream_reader.py 127.0.0.1 {port} /v1/chat/completions '{body}' '{gw.key}'"))
-    direct = json.loads(
-        host.check_output(f"python3 /tmp/stream_reader.py {inst['listen_address']} {inst['port']} /v1/chat/completions '{body}' '{gw.key}'")
-    )
-    print(f"stream through the gateway: {via_gateway}\nstraight from {server}/{inst['name']}: {direct}")
-    # Every token arrives (vLLM may put several in one event when its reader lags: count tokens,
-    # not events), in many events.
-    assert via_gateway["status"] == 200 and via_gateway["done"] and via_gateway["tokens"] == 200 and via_gateway["events"] >= 20
-    # A reader slower than the tokens gets several events a read, through the gateway or not;
-    # a buffering proxy delivers the whole stream in one or two reads, at its end.
-    assert via_gateway["reads"] >= 10, "the gateway delivered the stream in few pieces"
-    assert via_gateway["spread"] >= 0.5 * direct["spread"], "the pieces arrived bunched together"
-    assert via_gateway["first"] <= direct["first"] + 0.5 * direct["total"], "the first piece arrived late"
+
+    def read(address: str, port_: int) -> dict:
+        return json.loads(host.check_output(f"python3 /tmp/stream_reader.py {address} {port_} /v1/chat/completions '{body}' '{gw.key}'"))
+
+    tries = []
+    for _ in range(3):
+        via_gateway = read("127.0.0.1", port)
+        direct = read(inst["listen_address"], inst["port"])
+        print(f"stream through the gateway: {via_gateway}\nstraight from {server}/{inst['name']}: {direct}")
+        # Every token arrives (vLLM may put several in one event when its reader lags: count tokens,
+        # not events), in many events.
+        assert via_gateway["status"] == 200 and via_gateway["done"] and via_gateway["tokens"] == 200 and via_gateway["events"] >= 20
+        # A reader slower than the tokens gets several events a read, through the gateway or not;
+        # a buffering proxy delivers the whole stream in one or two reads, at its end.
+        problems = [
+            problem
+            for problem, bad in [
+                ("the gateway delivered the stream in few pieces", via_gateway["reads"] < 10),
+                ("the pieces arrived bunched together", via_gateway["spread"] < 0.5 * direct["spread"]),
+                ("the first piece arrived late", via_gateway["first"] > direct["first"] + 0.5 * direct["total"]),
+            ]
+            if bad
+        ]
+        tries.append(problems)
+        if not problems:
+            break
+    assert not tries[-1], f"every try: {tries}"
 
 
 def test_health_tells_the_truth_as_instances_stop_and_start(host, gw, plans, tmp_path):
