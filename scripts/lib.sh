@@ -129,6 +129,7 @@ ensure_vllm_image() {
       --build-arg "BASE=$VLLM_ANSIBLE_IMAGE" --build-arg "VLLM_VERSION=$TEST_VLLM_VERSION" "$VLLM_ANSIBLE_WHEELHOUSE" >/dev/null
   fi
   mkdir -p "$CACHE_DIR/images"
+  rm -f "$VLLM_ANSIBLE_VLLM_ARCHIVE.part"  # what an interrupted save left
   (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
     -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE.part" >/dev/null)
   mv "$VLLM_ANSIBLE_VLLM_ARCHIVE.part" "$VLLM_ANSIBLE_VLLM_ARCHIVE"
