@@ -133,9 +133,10 @@ ensure_vllm_image() {
   (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
     -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE.part" >/dev/null)
   mv "$VLLM_ANSIBLE_VLLM_ARCHIVE.part" "$VLLM_ANSIBLE_VLLM_ARCHIVE"
-  # The scenario loads the archive inside its own host's engine: this engine's copy is 4 GB of
-  # disk nothing reads.
+  # The scenario loads the archive inside its own host's engine: this engine's copy (4 GB) and
+  # the build stage's untagged image (5 GB) are disk nothing reads while two scenarios run.
   docker image rm "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null
+  docker image prune -f --filter label=vllm-ansible.stage=build >/dev/null
 }
 
 # A scenario's hosts hold a virtualenv each (about 5 GB) or a loaded vLLM image beside the archive

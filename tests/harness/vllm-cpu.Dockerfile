@@ -3,6 +3,9 @@
 # The image has no python3-venv: uv (unpacked from its wheel) makes the virtualenv.
 ARG BASE
 FROM ${BASE} AS build
+# The build stage's image (the wheels and a virtualenv, about 5 GB) is left untagged by the
+# builder: scripts/lib.sh removes it by this label once the image is saved.
+LABEL vllm-ansible.stage=build
 ARG VLLM_VERSION
 COPY . /wheels
 RUN python3 -m zipfile -e /wheels/uv-*.whl /tmp/uv \
