@@ -97,11 +97,77 @@ ensure_wheelhouse() {
     -e "vllm_wheelhouse_python_version=$TEST_PYTHON_VERSION" -e vllm_extra_index_url=)
 }
 
+# A test host: Debian 12 with systemd as PID 1 in a container, started with the least this machine
+# allows (no --privileged: one capability is missing here). molecule/shared/create.yml gives
+# molecule's hosts the same settings (keep them in step). Extra `docker run` arguments go last.
+start_test_host() {
+  local name=$1 image=$2
+  shift 2
+  docker run -d --name "$name" --hostname "$name" \
+    --cap-add SYS_ADMIN --cap-add NET_ADMIN \
+    --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+    --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+    --tmpfs /run --tmpfs /run/lock --tmpfs /tmp --shm-size 1g "$@" "$image" >/dev/null
+  docker exec "$name" systemctl is-system-running --wait >/dev/null || true
+}
+
 # A random-weight Llama small enough for a CPU, with a tokenizer trained here.
 ensure_model() {
   [ -f "$VLLM_ANSIBLE_MODEL/config.json" ] && return 0
   log "model: writing the tiny test model into $VLLM_ANSIBLE_MODEL"
   python "$REPO_ROOT/tests/harness/make_tiny_model.py" "$VLLM_ANSIBLE_MODEL"
+}
+
+# A serving host on which the role itself has installed the CPU build: `site.yml --tags
+# vllm_install` (the OS packages, the service user, the wheelhouse, the virtualenv and its
+# bytecode) run against a bare test host, saved with `docker commit`. The serving hosts of
+# multi_instance and multi_node start from it (their molecule.yml names it), so that this install,
+# minutes of both cores, runs once instead of once per host; `default` and `docker` start from the
+# bare image and prove the install itself. Rebuilt when the base image, the wheelhouse or the
+# role's install steps change. Its name is set by ensure_all; only the scenarios that use it build it.
+serving_image_name() {
+  local recipe
+  recipe=$({
+    echo "$VLLM_ANSIBLE_IMAGE"
+    ls "$VLLM_ANSIBLE_WHEELHOUSE"
+    cat "$REPO_ROOT"/roles/vllm/{defaults,vars}/main.yml "$REPO_ROOT"/roles/vllm/tasks/{main,install,venv,wheelhouse}.yml
+  } | sha256sum | cut -c1-12)
+  export VLLM_ANSIBLE_SERVING_IMAGE=vllm-ansible-serving:$recipe
+}
+
+ensure_serving_image() {
+  local seed=vllm-ansible-seed work
+  serving_image_name
+  # Earlier recipes' images (about 5 GB each) go.
+  docker image ls --format '{{.Repository}}:{{.Tag}}' vllm-ansible-serving | { grep -vx "$VLLM_ANSIBLE_SERVING_IMAGE" || true; } |
+    xargs -r docker image rm >/dev/null
+  docker image inspect "$VLLM_ANSIBLE_SERVING_IMAGE" >/dev/null 2>&1 && return 0
+  log "serving image: the role installs vLLM on a bare test host, saved as $VLLM_ANSIBLE_SERVING_IMAGE (minutes)"
+  docker rm -f "$seed" >/dev/null 2>&1 || true
+  start_test_host "$seed" "$VLLM_ANSIBLE_IMAGE"
+  work=$(mktemp -d)
+  cat >"$work/hosts.yml" <<INVENTORY
+all:
+  hosts:
+    $seed: {ansible_connection: community.docker.docker}
+  children:
+    vllm_servers:
+      hosts:
+        $seed:
+      vars:
+        vllm_device: cpu
+        vllm_api_key: serving-image-key-never-used
+        vllm_wheelhouse: $VLLM_ANSIBLE_WHEELHOUSE
+        vllm_models: []
+INVENTORY
+  if ! (cd "$REPO_ROOT" && ansible-playbook -i "$work/hosts.yml" site.yml --tags vllm_install >"$work/install.log" 2>&1); then
+    cat "$work/install.log" >&2
+    docker rm -f "$seed" >/dev/null
+    return 1
+  fi
+  docker commit --change 'CMD ["/lib/systemd/systemd"]' "$seed" "$VLLM_ANSIBLE_SERVING_IMAGE" >/dev/null
+  docker rm -f "$seed" >/dev/null
+  rm -rf "$work"
 }
 
 # The stand-in for vllm/vllm-openai that the docker runtime's scenario loads from an archive, as an
@@ -110,8 +176,9 @@ ensure_model() {
 # (which molecule/docker reads) are set by ensure_all; only the docker scenario needs it built.
 vllm_image_names() {
   local recipe
-  recipe=$(printf '%s\n' "$VLLM_ANSIBLE_IMAGE" "$TEST_VLLM_VERSION" "$(cat "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile")" |
-    sha256sum | cut -c1-12)
+  serving_image_name
+  recipe=$(printf '%s\n' "$VLLM_ANSIBLE_IMAGE" "$VLLM_ANSIBLE_SERVING_IMAGE" "$TEST_VLLM_VERSION" \
+    "$(cat "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile")" | sha256sum | cut -c1-12)
   export VLLM_ANSIBLE_VLLM_IMAGE=vllm-cpu-test:$recipe
   export VLLM_ANSIBLE_VLLM_ARCHIVE=$CACHE_DIR/images/vllm-cpu-test-$recipe.tar
 }
@@ -124,19 +191,20 @@ ensure_vllm_image() {
   find "$CACHE_DIR/images" -name 'vllm-cpu-test-*.tar' ! -path "$VLLM_ANSIBLE_VLLM_ARCHIVE" -delete 2>/dev/null || true
   [ -f "$VLLM_ANSIBLE_VLLM_ARCHIVE" ] && return 0
   if ! docker image inspect "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null 2>&1; then
-    log "vllm image: building $VLLM_ANSIBLE_VLLM_IMAGE from the wheelhouse (a few minutes)"
+    ensure_serving_image
+    log "vllm image: building $VLLM_ANSIBLE_VLLM_IMAGE from the serving image's virtualenv"
     docker build -q -t "$VLLM_ANSIBLE_VLLM_IMAGE" -f "$REPO_ROOT/tests/harness/vllm-cpu.Dockerfile" \
-      --build-arg "BASE=$VLLM_ANSIBLE_IMAGE" --build-arg "VLLM_VERSION=$TEST_VLLM_VERSION" "$VLLM_ANSIBLE_WHEELHOUSE" >/dev/null
+      --build-arg "BASE=$VLLM_ANSIBLE_IMAGE" --build-arg "SERVING=$VLLM_ANSIBLE_SERVING_IMAGE" \
+      --build-arg "VLLM_VERSION=$TEST_VLLM_VERSION" "$REPO_ROOT/tests/harness" >/dev/null
   fi
   mkdir -p "$CACHE_DIR/images"
   rm -f "$VLLM_ANSIBLE_VLLM_ARCHIVE.part"  # what an interrupted save left
   (cd "$REPO_ROOT" && ansible-playbook playbooks/image.yml -e "vllm_image=$VLLM_ANSIBLE_VLLM_IMAGE" \
     -e "vllm_image_archive=$VLLM_ANSIBLE_VLLM_ARCHIVE.part" >/dev/null)
   mv "$VLLM_ANSIBLE_VLLM_ARCHIVE.part" "$VLLM_ANSIBLE_VLLM_ARCHIVE"
-  # The scenario loads the archive inside its own host's engine: this engine's copy (4 GB) and
-  # the build stage's untagged image (5 GB) are disk nothing reads while two scenarios run.
+  # The scenario loads the archive inside its own host's engine: this engine's copy (4 GB) is disk
+  # nothing reads while two scenarios run.
   docker image rm "$VLLM_ANSIBLE_VLLM_IMAGE" >/dev/null
-  docker image prune -f --filter label=vllm-ansible.stage=build >/dev/null
 }
 
 # A scenario's hosts hold a virtualenv each (about 5 GB) or a loaded vLLM image beside the archive
