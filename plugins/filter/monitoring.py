@@ -262,7 +262,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
                 f' or sum by (model) (rate(vllm_gateway_requests_total{{model=~"$model"}}[{RATE}])) * 0',
             )
         ],
-        "Answers the gateways gave with 503/504 (no instance reachable or available, a timeout) or that instances gave with 5xx; 0 when none.",
+        "Answers the gateways gave with 503/504 (no instance reachable, a timeout) or instances gave with 5xx; 0 when none.",
     ),
 ]
 GPU_PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
