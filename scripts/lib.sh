@@ -108,7 +108,13 @@ start_test_host() {
     --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
     --cgroupns host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
     --tmpfs /run --tmpfs /run/lock --tmpfs /tmp --shm-size 1g "$@" "$image" >/dev/null
-  docker exec "$name" systemctl is-system-running --wait >/dev/null || true
+  # Until systemd has finished booting (before its bus is up, systemctl cannot ask it at all).
+  for _ in $(seq 1 60); do
+    case $(docker exec "$name" systemctl is-system-running --wait 2>/dev/null) in running | degraded) return 0 ;; esac
+    sleep 1
+  done
+  echo "$name: systemd did not finish booting" >&2
+  return 1
 }
 
 # A random-weight Llama small enough for a CPU, with a tokenizer trained here.
@@ -158,7 +164,8 @@ all:
         vllm_device: cpu
         vllm_api_key: serving-image-key-never-used
         vllm_wheelhouse: $VLLM_ANSIBLE_WHEELHOUSE
-        vllm_models: []
+        # Not installed here (--tags vllm_install); preflight wants a model to plan.
+        vllm_models: [{name: tiny, source: "controller:$VLLM_ANSIBLE_MODEL"}]
 INVENTORY
   if ! (cd "$REPO_ROOT" && ansible-playbook -i "$work/hosts.yml" site.yml --tags vllm_install >"$work/install.log" 2>&1); then
     cat "$work/install.log" >&2
