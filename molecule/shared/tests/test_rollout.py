@@ -16,20 +16,26 @@ from conftest import GATEWAY_HOSTS, SERVING_HOSTS, chat, host_named, playbook, s
 
 testinfra_hosts = GATEWAY_HOSTS
 
-# Two clients, each a loop of requests through the gateway over every model in turn, until told
-# to stop; one "<start time> <model> <status>" line per request. Paced (two requests a second in
-# all) and short (two tokens: the CPU build spends most of a request's time in decode steps):
-# heavier, they take both cores of the test machine and a restart starves for minutes.
+# Two clients, each a loop of requests through the gateway over every model in turn; one
+# "<start time> <model> <status>" line per request. Told to stop, each client sends one last
+# request and ends, so that the last requests begin after the playbook under test has ended.
+# Paced (each client waits 4 s after an answer) and short (two tokens: the CPU build spends most
+# of a request's time in decode steps). The pace is set by the CPU build's worker, which spins on
+# a core for about a second after every step it runs: at two requests a second the four workers
+# of multi_instance kept more than one of the test machine's two cores busy, and the restarts
+# that the tests are about starved beside them.
 LOAD = """
 for client in 1 2; do
-  ( while [ ! -e /tmp/load.stop ]; do
+  ( while :; do
       for model in {models}; do
+        [ ! -e /tmp/load.stop ] || last=1
         start=$(date +%s.%N)
         body="{{\\"model\\": \\"$model\\", \\"messages\\": [{{\\"role\\": \\"user\\", \\"content\\": \\"hi\\"}}], \\"max_tokens\\": 2}}"
         code=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 -H 'Content-Type: application/json' \\
           -H 'Authorization: Bearer {key}' --data-binary "$body" http://127.0.0.1/v1/chat/completions)
         echo "$start $model $code"
-        sleep 1
+        [ -z "${{last:-}}" ] || break 2
+        sleep 4
       done
     done > /tmp/load.$client ) &
 done
