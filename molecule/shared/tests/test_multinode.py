@@ -37,9 +37,9 @@ def test_multinode_one_model_over_two_hosts_answers_through_the_gateway(host, gr
     (leader_host, leader), (follower_host, follower) = group
     assert (leader["node"]["role"], follower["node"]["role"]) == ("leader", "follower")
     model = leader["model"]
-    status, body = post(host, api_key, chat(model, max_tokens=8))
+    status, body = post(host, api_key, chat(model, max_tokens=8, ignore_eos=True))  # never an empty answer
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"], body
-    status, body = post(host, api_key, chat(model, max_tokens=8, stream=True), stream=True)
+    status, body = post(host, api_key, chat(model, max_tokens=8, stream=True, ignore_eos=True), stream=True)
     assert status == 200 and body.rstrip().endswith("data: [DONE]"), body
     assert post(host, api_key, chat(model), auth=False)[0] == 401
     # Both hosts run a rank of it: vLLM's own launcher, the follower headless and without an API.
