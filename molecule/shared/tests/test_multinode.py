@@ -1,7 +1,8 @@
 """One instance served by a group of hosts (molecule/multi_node): tensor parallel across two
 hosts, reached through the gateway as one instance; the group's ports reachable from the group
 only; a follower that stops takes the model down (503, not a hang) and brings it back when it
-starts again, without an operator; a broken update restarts and rolls back the whole group."""
+starts again, without an operator; a broken update restarts and rolls back the whole group;
+then the group moves to the docker runtime and serves as containers."""
 
 from __future__ import annotations
 
@@ -53,12 +54,13 @@ def test_multinode_one_model_over_two_hosts_answers_through_the_gateway(host, gr
     assert follower_api.strip() == "", f"the follower listens on the API port: {follower_api}"
 
 
-def listeners(server, unit: str) -> list[tuple[str, int]]:
-    """Every TCP socket the unit's processes listen on, but loopback: (address, port). `ss -e`
-    names each socket's cgroup, so the unit's sockets are found without reading its processes."""
+def listeners(server, cgroup: str) -> list[tuple[str, int]]:
+    """Every TCP socket the processes of a cgroup (a unit's, or a container's by its id) listen
+    on, but loopback: (address, port). `ss -e` names each socket's cgroup, so the sockets are
+    found without reading the processes."""
     out = []
     for line in server.check_output("ss -Hltne").splitlines():
-        if not any(field.startswith("cgroup:") and field.endswith(f"/{unit}") for field in line.split()):
+        if not any(field.startswith("cgroup:") and field.endswith((f"/{cgroup}", f"/docker-{cgroup}.scope")) for field in line.split()):
             continue
         address, port = line.split()[3].rsplit(":", 1)
         if not address.startswith("127.") and address != "[::1]":
@@ -70,12 +72,16 @@ def reaches(client, address: str, port: int) -> bool:
     return client.run(f"timeout 5 bash -c '</dev/tcp/{address}/{port}'").rc == 0
 
 
-def test_multinode_group_ports_are_reachable_from_the_group_only(host, group):
+def check_group_ports(host, group, cgroups: list[str]) -> None:
+    """Every socket of each side (in `cgroups`, in the group's order) beyond loopback: refused
+    from the gateway host and reached from the other host of the group, but the leader's API,
+    which the gateway reaches."""
     (leader_host, leader), (follower_host, follower) = group
     api = leader["port"]
-    for server, inst, peer in ((leader_host, leader, follower_host), (follower_host, follower, leader_host)):
+    sides = ((leader_host, leader, follower_host, cgroups[0]), (follower_host, follower, leader_host, cgroups[1]))
+    for server, inst, peer, cgroup in sides:
         address = inst["node"]["address"]
-        opened = listeners(server, f"vllm@{inst['name']}.service")
+        opened = listeners(server, cgroup)
         assert opened, "the unit listens on nothing outside loopback"
         print(server.backend.host, opened)
         for bound, port in opened:
@@ -86,7 +92,12 @@ def test_multinode_group_ports_are_reachable_from_the_group_only(host, group):
             assert not reaches(host, target, port), f"{target}:{port} of {server.backend.host} answers the gateway host"
             assert reaches(peer, target, port), f"{target}:{port} of {server.backend.host} does not answer its peer"
     # The range the firewall gives the group starts at the rendezvous port, on the leader.
-    assert leader["node"]["rendezvous_port"] in {port for _, port in listeners(leader_host, f"vllm@{leader['name']}.service")}
+    assert leader["node"]["rendezvous_port"] in {port for _, port in listeners(leader_host, cgroups[0])}
+
+
+def test_multinode_group_ports_are_reachable_from_the_group_only(host, group):
+    check_group_ports(host, group, [f"vllm@{inst['name']}.service" for _, inst in group])
+    (follower_host, follower) = group[1]
     assert default_address(follower_host) == follower["node"]["address"]
 
 
@@ -154,3 +165,34 @@ def test_multinode_a_broken_update_rolls_the_whole_group_back(host, group, api_k
         now = unit_state(server, unit)
         assert now["ActiveState"] == "active" and now["MainPID"] != pid, f"{server.backend.host}: not restarted, or not running: {now}"
     assert post(host, api_key, chat(group[0][1]["model"], max_tokens=2))[0] == 200
+
+
+def test_multinode_the_group_moves_to_the_docker_runtime(host, group, api_key):
+    """site.yml with vllm_runtime=docker (last: the group stays on it): the Docker engine
+    installed on the group's hosts, the image loaded from the archive, the whole group restarted
+    as one container per host on the host network, running the same launcher: the leader's with
+    the API and Docker's health check, the follower's headless without; the key in no `docker
+    inspect` and no command line; the group's ports reachable from the group only; the model
+    answers through the gateway."""
+    started = time.monotonic()
+    result = playbook("site.yml", "-e", "vllm_runtime=docker")
+    assert result.returncode == 0, said(result)[-3000:]
+    print(f"the group from venv to docker: {time.monotonic() - started:.0f} s")
+    containers = []
+    for (server, inst), rank in zip(group, ("0", "1"), strict=True):
+        text = server.check_output(f"docker inspect vllm-{inst['name']}")
+        details = json.loads(text)[0]
+        assert details["State"]["Running"] and details["HostConfig"]["NetworkMode"] == "host", details["State"]
+        args = " ".join(details["Args"])
+        assert "vllm-launch" in args and "--nnodes 2" in args and f"--node-rank {rank}" in args, args
+        assert ("--headless" in args) == (rank == "1"), args
+        assert (details["Config"].get("Healthcheck") is not None) == (rank == "0"), details["Config"]
+        assert api_key not in text and api_key not in server.check_output("ps -eo args"), "the key is in docker inspect or a command line"
+        assert "docker run" in server.check_output(f"systemctl show -p ExecStart vllm@{inst['name']}")
+        containers.append(details["Id"])
+    check_group_ports(host, group, containers)
+    model = group[0][1]["model"]
+    status, body = post(host, api_key, chat(model, max_tokens=8, ignore_eos=True))
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"], body
+    status, body = post(host, api_key, chat(model, max_tokens=8, stream=True, ignore_eos=True), stream=True)
+    assert status == 200 and body.rstrip().endswith("data: [DONE]"), body
