@@ -116,10 +116,17 @@ def regex(pattern: str, accepted: str) -> tuple[Rule, str]:
 
 def node_address() -> tuple[Rule, str]:
     def rule(value: str) -> str | None:
+        if value == "":
+            return None
         try:
-            return None if value == "" or ipaddress.ip_address(value).version == 4 else "is not an IPv4 address"
+            address = ipaddress.ip_address(value)
         except ValueError:
             return "is not an IPv4 address"
+        if address.version != 4:
+            return "is not an IPv4 address"
+        if address.is_loopback or address.is_unspecified or address.is_multicast or address.is_reserved:
+            return "is an address the other hosts of a group cannot reach this host on (loopback, unspecified, multicast or reserved)"
+        return None
 
     return rule, 'the IPv4 address the other hosts of its group reach (the firewall admits them by it), or "" for the default one'
 

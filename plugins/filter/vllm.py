@@ -72,6 +72,8 @@ MANAGED_FLAGS = {
     "--master-addr": "set the model's nodes: the first host of the group leads",
     "--master-port": "set the model's rendezvous_port (or vllm_rendezvous_port)",
     "--distributed-executor-backend": "set the model's distributed_backend (mp: vLLM's own multi-node launcher, or ray)",
+    "--prefill-context-parallel-size": "each instance would need that many times the GPUs it is planned (its ranks are "
+    "tensor_parallel_size x pipeline_parallel_size x this); the plan has no field for it",
 }
 # Flags the model's own fields render; given in extra_args as well they would be given twice.
 FIELD_FLAGS = {
@@ -312,6 +314,13 @@ def _validate_model(host: str, index: int, model: dict[str, Any], flags: dict[st
             host,
             f"{where}.pipeline_parallel_size",
             f"{model['pipeline_parallel_size']} stages need several hosts; accepted: 1, or a `nodes` group whose host count it divides",
+        )
+    if model["nodes"] is None and model["rendezvous_port"] is not None:
+        raise _fail(
+            host,
+            f"{where}.rendezvous_port",
+            f"{_shown(model['rendezvous_port'])} is the port a group of hosts meets on, and the model has no `nodes`; "
+            "accepted: the `nodes` group of the hosts that serve it together, or no rendezvous_port",
         )
     backend = model["distributed_backend"]
     if backend not in DISTRIBUTED_BACKENDS:
@@ -619,6 +628,13 @@ def _node_plan(model: dict[str, Any], host: str, groups: dict[str, list[dict[str
             f"accepted: 1 (tensor parallel across the hosts) or a divisor of {nnodes}",
         )
     for member in members:
+        if member.get("problem"):
+            raise _fail(
+                member["host"],
+                "vllm_node_interface",
+                f"{member['problem']} (group {group!r}); accepted: the interface that holds vllm_node_address (the default "
+                "route's address when unset), for Gloo and NCCL, or \"\" to find it",
+            )
         if member.get("address") and not member.get("interface"):
             raise _fail(
                 member["host"],
@@ -690,22 +706,31 @@ def node_groups(models: Any, groups: dict[str, list[str]], hostvars: Any) -> dic
             facts = hv.get("ansible_facts") or {}
             default = facts.get("default_ipv4") or {}
             address = hv.get("vllm_node_address") or default.get("address") or ""
-            # The interface that holds the address (facts: one entry per interface, dashes as '_').
-            holding = [
-                facts[i.replace("-", "_")].get("device", i)
-                for i in facts.get("interfaces") or []
-                if ((facts.get(i.replace("-", "_")) or {}).get("ipv4") or {}).get("address") == address
-            ]
+            # The addresses each interface holds (facts: one entry per interface, dashes as '_').
+            held = {i: _ipv4_addresses(facts.get(i.replace("-", "_")) or {}) for i in facts.get("interfaces") or []}
+            holding = [i for i, addresses in held.items() if address in addresses]
             found = default.get("interface") if address == default.get("address") else (holding[0] if holding else "")
-            members.append({"host": name, "address": address, "interface": hv.get("vllm_node_interface") or found or ""})
+            given = hv.get("vllm_node_interface")
+            problem = ""
+            if given and held and given not in held:
+                problem = f"{given!r} is not an interface of {name} (it has {', '.join(sorted(held))})"
+            elif given and held and address and address not in held[given]:
+                problem = f"{given!r} of {name} does not hold {address}" + (f" ({', '.join(holding)} does)" if holding else "")
+            members.append({"host": name, "address": address, "interface": given or found or "", "problem": problem})
         out[group] = members
     return out
+
+
+def _ipv4_addresses(interface: dict[str, Any]) -> set[str]:
+    """The IPv4 addresses an interface's facts hold: its primary and its secondaries."""
+    entries = [interface.get("ipv4") or {}, *(interface.get("ipv4_secondaries") or [])]
+    return {e["address"] for e in entries if isinstance(e, dict) and e.get("address")}
 
 
 # Fields the hosts of a group may set differently: the environment (interface names, CPU binding).
 NODE_LOCAL_FIELDS = ("env",)
 # Host settings the hosts of a group must share: they run one vLLM together.
-NODE_SHARED_SETTINGS = ("vllm_version", "vllm_device", "vllm_runtime", "vllm_image")
+NODE_SHARED_SETTINGS = ("vllm_version", "vllm_device", "vllm_runtime", "vllm_image", "vllm_models_dir")
 
 
 def ray_start_args(node: dict[str, Any], gpus: list[int]) -> list[str]:

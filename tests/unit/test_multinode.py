@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,12 @@ def test_mp_groups_pass_no_ray_arguments():
         ),
         (big(distributed_backend="rays"), "gpu-a", {}, r"\.distributed_backend: \"rays\" is refused; accepted: mp or ray"),
         ({"name": "m", "source": "/m", "distributed_backend": "ray"}, "gpu-a", {}, r"\(m\)\.distributed_backend: ray spans a group"),
+        (
+            {"name": "m", "source": "/m", "tensor_parallel_size": 2, "rendezvous_port": 30000},
+            "gpu-a",
+            {},
+            r"\(m\)\.rendezvous_port: 30000 is the port a group of hosts meets on, and the model has no `nodes`",
+        ),
     ],
 )
 def test_refusals_name_the_host_and_the_field(model, host, groups, message):
@@ -220,9 +227,9 @@ def test_node_groups_read_addresses_from_the_operator_or_the_facts():
     groups = {"pair": ["a", "b", "c"], "vllm_servers": ["a", "b", "c"]}
     assert node_groups([{"name": "m", "nodes": "pair"}, {"name": "s"}], groups, hostvars) == {
         "pair": [
-            {"host": "a", "address": "10.1.0.1", "interface": "eth0"},
-            {"host": "b", "address": "192.168.7.2", "interface": "ib0"},
-            {"host": "c", "address": "", "interface": ""},
+            {"host": "a", "address": "10.1.0.1", "interface": "eth0", "problem": ""},
+            {"host": "b", "address": "192.168.7.2", "interface": "ib0", "problem": ""},
+            {"host": "c", "address": "", "interface": "", "problem": ""},
         ]
     }
     assert node_groups([{"name": "m", "nodes": "nosuch"}], groups, hostvars) == {}
@@ -240,7 +247,38 @@ def test_node_groups_read_addresses_from_the_operator_or_the_facts():
         "host": "a",
         "address": "192.168.50.1",
         "interface": "enp65s0f0-ib",
+        "problem": "",
     }
+
+
+@pytest.mark.parametrize(
+    ("operator", "problem"),
+    [
+        ({"vllm_node_interface": "ib7"}, "'ib7' is not an interface of a (it has eth0, ib0, lo)"),
+        ({"vllm_node_interface": "lo"}, "'lo' of a does not hold 10.1.0.1 (eth0 does)"),
+        ({"vllm_node_address": "10.9.9.9", "vllm_node_interface": "eth0"}, "'eth0' of a does not hold 10.9.9.9"),
+        # An interface's secondary address is its own.
+        ({"vllm_node_address": "192.168.50.7", "vllm_node_interface": "ib0"}, ""),
+        ({"vllm_node_address": "192.168.50.7"}, ""),
+    ],
+)
+def test_an_interface_the_facts_do_not_show_holding_the_address_is_refused(operator, problem):
+    facts = {
+        "default_ipv4": {"address": "10.1.0.1", "interface": "eth0"},
+        "interfaces": ["lo", "eth0", "ib0"],
+        "lo": {"device": "lo", "ipv4": {"address": "127.0.0.1"}},
+        "eth0": {"device": "eth0", "ipv4": {"address": "10.1.0.1"}},
+        "ib0": {"device": "ib0", "ipv4": {"address": "192.168.50.1"}, "ipv4_secondaries": [{"address": "192.168.50.7"}]},
+    }
+    other = {"ansible_facts": {"default_ipv4": {"address": "10.1.0.2", "interface": "eth0"}}}
+    hostvars = {"a": {**operator, "ansible_facts": facts}, "b": other}
+    groups = node_groups([{"name": "m", "nodes": "pair"}], {"pair": ["a", "b"]}, hostvars)
+    assert groups["pair"][0]["problem"] == problem
+    if problem:
+        with pytest.raises(AnsibleFilterError, match=re.escape(f"host a: vllm_node_interface: {problem} (group 'pair')")):
+            plan_instances([{"name": "m", "source": "/m", "nodes": "pair"}], "b", node_groups=groups)
+    else:
+        assert groups["pair"][0]["interface"] == "ib0"
 
 
 def fleet(gpus: dict[str, int], models: dict[str, list[dict]], group: list[str]) -> dict:
@@ -269,8 +307,10 @@ def test_preflight_across_the_hosts_of_a_group():
     # Host settings the group shares, and the rendezvous each host was planned with.
     same["a"]["vllm_version"], same["b"]["vllm_version"] = "0.32.0", "0.31.0"
     same["b"]["vllm_plan"] = plan_instances([{**model, "env": {}}], "b", node_groups={"pair": members("a", "b")}, rendezvous_port=29600)
+    same["b"]["vllm_models_dir"] = "/data/models"  # Ray's workers load the leader's path
     errors = node_group_errors(["a", "b"], same, groups)
     assert errors[0].startswith('host b: vllm_version: "0.31.0", but a of group \'pair\' has "0.32.0"'), errors
+    assert any(e.startswith('host b: vllm_models_dir: "/data/models", but a of group \'pair\' has null') for e in errors), errors
     assert any(e.startswith("host b: the rendezvous port: 29600, but a of group 'pair' has 29500") for e in errors), errors
 
 
