@@ -711,10 +711,11 @@ def node_groups(models: Any, groups: dict[str, list[str]], hostvars: Any) -> dic
             holding = [i for i, addresses in held.items() if address in addresses]
             found = default.get("interface") if address == default.get("address") else (holding[0] if holding else "")
             given = hv.get("vllm_node_interface")
+            listed = given.replace(":", "_") if isinstance(given, str) else given  # facts list an alias eth0:1 as eth0_1
             problem = ""
-            if given and held and given not in held:
+            if given and held and listed not in held:
                 problem = f"{given!r} is not an interface of {name} (it has {', '.join(sorted(held))})"
-            elif given and held and address and address not in held[given]:
+            elif given and held and address and address not in held[listed]:
                 problem = f"{given!r} of {name} does not hold {address}" + (f" ({', '.join(holding)} does)" if holding else "")
             members.append({"host": name, "address": address, "interface": given or found or "", "problem": problem})
         out[group] = members

@@ -260,6 +260,7 @@ def test_node_groups_read_addresses_from_the_operator_or_the_facts():
         # An interface's secondary address is its own.
         ({"vllm_node_address": "192.168.50.7", "vllm_node_interface": "ib0"}, ""),
         ({"vllm_node_address": "192.168.50.7"}, ""),
+        ({"vllm_node_address": "192.168.50.9", "vllm_node_interface": "ib0:1"}, ""),
     ],
 )
 def test_an_interface_the_facts_do_not_show_holding_the_address_is_refused(operator, problem):
@@ -270,6 +271,9 @@ def test_an_interface_the_facts_do_not_show_holding_the_address_is_refused(opera
         "eth0": {"device": "eth0", "ipv4": {"address": "10.1.0.1"}},
         "ib0": {"device": "ib0", "ipv4": {"address": "192.168.50.1"}, "ipv4_secondaries": [{"address": "192.168.50.7"}]},
     }
+    if "ib0:1" in operator.values():  # an alias: facts list it with '_'
+        facts["interfaces"].append("ib0_1")
+        facts["ib0_1"] = {"device": "ib0:1", "ipv4": {"address": "192.168.50.9"}}
     other = {"ansible_facts": {"default_ipv4": {"address": "10.1.0.2", "interface": "eth0"}}}
     hostvars = {"a": {**operator, "ansible_facts": facts}, "b": other}
     groups = node_groups([{"name": "m", "nodes": "pair"}], {"pair": ["a", "b"]}, hostvars)
@@ -278,7 +282,7 @@ def test_an_interface_the_facts_do_not_show_holding_the_address_is_refused(opera
         with pytest.raises(AnsibleFilterError, match=re.escape(f"host a: vllm_node_interface: {problem} (group 'pair')")):
             plan_instances([{"name": "m", "source": "/m", "nodes": "pair"}], "b", node_groups=groups)
     else:
-        assert groups["pair"][0]["interface"] == "ib0"
+        assert groups["pair"][0]["interface"] == operator.get("vllm_node_interface", "ib0")
 
 
 def fleet(gpus: dict[str, int], models: dict[str, list[dict]], group: list[str]) -> dict:
