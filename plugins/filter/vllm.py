@@ -914,11 +914,23 @@ def host_errors(
     shm_mib: int | None,
     min_shm_mib: int,
     wheelhouse: str,
+    ephemeral: str | None = None,
 ) -> list[str]:
     """What a plan needs that is not there, found before any change: model directories on the
     host and on the controller (this filter runs on the controller), the wheelhouse, heads that
-    the tensor-parallel size divides, and /dev/shm for tensor parallelism."""
+    the tensor-parallel size divides, /dev/shm for tensor parallelism, and a group's ports outside
+    the host's ephemeral range (`ephemeral`: /proc/sys/net/ipv4/ip_local_port_range)."""
     errors = []
+    low, high = (int(p) for p in ephemeral.split()) if ephemeral else (0, -1)
+    for inst in plan:
+        node = inst.get("node")
+        if node and node["rendezvous_port"] <= high and node["watch_port"] >= low:
+            errors.append(
+                f"host {host}: vllm_rendezvous_port: {node['rendezvous_port']}: the ports {node['rendezvous_port']}-{node['watch_port']} "
+                f"of group {node['group']!r} reach into this host's ephemeral port range {low}-{high} "
+                "(net.ipv4.ip_local_port_range), where any outgoing connection may hold one when the group starts; "
+                f"accepted: a range below {low} or above {high} (the model's rendezvous_port, or vllm_rendezvous_port)"
+            )
     for result in host_paths:
         item = result.get("item") or {}
         if not (result.get("stat") or {}).get("exists"):

@@ -15,6 +15,7 @@ from vllm import (
     AnsibleFilterError,
     check_heads,
     gateway_servers,
+    host_errors,
     launch_args,
     node_group_errors,
     node_groups,
@@ -385,3 +386,16 @@ def test_a_group_s_containers_run_the_launcher_and_only_the_leader_is_health_che
         tail = argv[argv.index("vllm/vllm-openai:v0.32.0") :]
         assert tail[4:6] == ["python3", CONTAINER_LAUNCHER] and tail[tail.index("--") + 1 :] == inst["args"]
         assert ("--health-cmd" in argv) is checked
+
+
+def test_a_group_s_ports_must_lie_outside_the_host_s_ephemeral_range():
+    def errors(port: int, ephemeral: str | None) -> list[str]:
+        plan = plan_instances([big(rendezvous_port=port)], "gpu-a", node_groups={"llama_405b": members("gpu-a", "gpu-b")})
+        return host_errors(plan, "gpu-a", host_paths=[], configs=[], shm_mib=None, min_shm_mib=1, wheelhouse="", ephemeral=ephemeral)
+
+    assert errors(29500, "32768\t60999\n") == [] and errors(40000, None) == []
+    assert errors(32736, "32768 60999") == [] and errors(61000, "32768 60999") == []
+    (error,) = errors(32740, "32768\t60999\n")
+    assert error.startswith("host gpu-a: vllm_rendezvous_port: 32740: the ports 32740-32771 of group 'llama_405b' reach into") and (
+        "ephemeral port range 32768-60999" in error and "accepted: a range below 32768 or above 60999" in error
+    ), error

@@ -167,6 +167,22 @@ def test_multinode_a_broken_update_rolls_the_whole_group_back(host, group, api_k
     assert post(host, api_key, chat(group[0][1]["model"], max_tokens=2))[0] == 200
 
 
+def test_multinode_a_group_range_among_the_ephemeral_ports_is_refused_before_any_change(group):
+    """vllm_rendezvous_port inside the hosts' ephemeral range (where an outgoing connection may
+    hold a port of the group when it starts): site.yml stops in preflight, naming each host of
+    the group, and neither side was touched."""
+    low = int(group[0][0].check_output("cat /proc/sys/net/ipv4/ip_local_port_range").split()[0])
+    unit = f"vllm@{group[0][1]['name']}.service"
+    pids = [unit_state(server, unit)["MainPID"] for server, _ in group]
+    result = playbook("site.yml", "-e", json.dumps({"vllm_rendezvous_port": low + 1000}))  # key=value would be a string
+    text = said(result)
+    assert result.returncode != 0, "a group's ports among the ephemeral ones were accepted"
+    for server, _ in group:
+        assert f"host {server.backend.host}: vllm_rendezvous_port: {low + 1000}: the ports" in text, text[-3000:]
+        assert f"reach into this host's ephemeral port range {low}-" in text, text[-3000:]
+    assert [unit_state(server, unit)["MainPID"] for server, _ in group] == pids, "a side was restarted"
+
+
 def test_multinode_the_group_moves_to_the_docker_runtime(host, group, api_key):
     """site.yml with vllm_runtime=docker (last: the group stays on it): the Docker engine
     installed on the group's hosts, the image loaded from the archive, the whole group restarted
