@@ -184,7 +184,7 @@ def test_multinode_a_group_range_among_the_ephemeral_ports_is_refused_before_any
 
 
 def test_multinode_the_group_moves_to_the_docker_runtime(host, group, api_key):
-    """site.yml with vllm_runtime=docker (last: the group stays on it): the Docker engine
+    """site.yml with vllm_runtime=docker (the group stays on it): the Docker engine
     installed on the group's hosts, the image loaded from the archive, the whole group restarted
     as one container per host on the host network, running the same launcher: the leader's with
     the API and Docker's health check, the follower's headless without; the key in no `docker
