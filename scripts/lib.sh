@@ -180,7 +180,7 @@ INVENTORY
 # The stand-in for vllm/vllm-openai that the docker runtime's scenario loads from an archive, as an
 # air-gapped site would: built from the test hosts' image and the wheelhouse, saved by the
 # bundle's own playbooks/image.yml. Rebuilt only when its recipe changes. Its name and archive
-# (which molecule/docker and multi_node read) are set by ensure_all; only those scenarios need it built.
+# (which molecule/docker and multi_node read) are set by ensure_all; only those two need it built.
 vllm_image_names() {
   local recipe
   serving_image_name
